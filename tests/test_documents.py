@@ -1,0 +1,102 @@
+"""Checks of the Documents/ folder: the bibliography and the figure script."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from Documents.make_figures import main, task_activation
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "Documents"
+
+EXPECTED_KEYS = {
+    "liu2020taan",
+    "long2017mrn",
+    "yang2017dmtrl",
+    "meyerson2018soft",
+    "misra2016cross",
+    "ma2018mmoe",
+}
+
+
+def parse_bib(text):
+    """Tiny BibTeX reader: {key: {field: value}} for entries written as
+    @type{key, field = {value}, ...} with at most one level of nested braces."""
+    entries = {}
+    for match in re.finditer(r"@(\w+)\s*\{\s*([^,\s]+)\s*,(.*?)\n\}", text, flags=re.S):
+        key, body = match.group(2), match.group(3)
+        if key in entries:
+            raise ValueError(f"duplicate key {key}")
+        fields = {}
+        for f in re.finditer(r"(\w+)\s*=\s*\{((?:[^{}]|\{[^{}]*\})*)\}", body):
+            fields[f.group(1).lower()] = " ".join(f.group(2).split())
+        entries[key] = dict(fields, entrytype=match.group(1).lower())
+    return entries
+
+
+def test_parse_bib_reads_fields_and_rejects_duplicates():
+    text = "@article{k1,\n  title = {A {B} c},\n  year = {2001},\n}\n@misc{k2,\n  author = {X, Y},\n}\n"
+    entries = parse_bib(text)
+    assert entries == {
+        "k1": {"title": "A {B} c", "year": "2001", "entrytype": "article"},
+        "k2": {"author": "X, Y", "entrytype": "misc"},
+    }
+    try:
+        parse_bib(text + text)
+    except ValueError as err:
+        assert "duplicate key k1" in str(err)
+    else:
+        raise AssertionError("duplicate keys were accepted")
+
+
+def test_references_bib_has_the_six_entries():
+    text = (DOCS / "references.bib").read_text(encoding="utf-8")
+    entries = parse_bib(text)
+    assert set(entries) == EXPECTED_KEYS
+    # every entry in the file was parsed (no entry lost to the regex)
+    assert len(re.findall(r"^@\w+\s*\{", text, flags=re.M)) == len(EXPECTED_KEYS)
+    for key, fields in entries.items():
+        for name in ("title", "author", "year"):
+            assert fields.get(name), f"{key} has no {name}"
+        assert re.fullmatch(r"(19|20)\d\d", fields["year"]), key
+    taan = entries["liu2020taan"]
+    assert taan["year"] == "2020"
+    assert taan["pages"] == "4924--4931"
+    assert taan["doi"] == "10.1609/aaai.v34i04.5930"
+    assert taan["author"].startswith("Liu, Yingru and ")
+    assert taan["author"].count(" and ") == 6
+    assert {k: entries[k]["year"] for k in EXPECTED_KEYS} == {
+        "liu2020taan": "2020", "long2017mrn": "2017", "yang2017dmtrl": "2017",
+        "meyerson2018soft": "2018", "misra2016cross": "2016", "ma2018mmoe": "2018",
+    }
+
+
+def test_make_figures_writes_png_and_pdf(tmp_path):
+    result = subprocess.run([sys.executable, str(DOCS / "make_figures.py"), "--out-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    png, pdf = tmp_path / "architecture.png", tmp_path / "architecture.pdf"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    assert png.stat().st_size > 10_000 and pdf.stat().st_size > 10_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["architecture.pdf", "architecture.png"]
+
+
+def test_make_figures_missing_out_dir_is_a_clear_error(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["--out-dir", str(missing)])
+    assert not missing.exists()
+
+
+def test_task_activation_matches_hand_computed_values():
+    b = np.array([-1.0, 0.5])
+    alpha_t = np.array([2.0, -3.0])
+    a = np.array([-2.0, 0.0, 1.0])
+    # a=-2: relu(-2)=0, relu(-1+2)=1, relu(0.5+2)=2.5 -> 2*1 - 3*2.5 = -5.5
+    # a= 0: 0 + 2*relu(-1) - 3*relu(0.5) = -1.5
+    # a= 1: 1 + 0 + 0 = 1
+    assert np.allclose(task_activation(a, b, alpha_t), [-5.5, -1.5, 1.0])
