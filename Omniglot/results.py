@@ -1,0 +1,134 @@
+"""Result files of the Omniglot lambda sweep, in the format of the original code.
+
+`Results-TAAN-Omniglot-<reg>.txt` holds, for every lambda tried, a header line and then
+one line per repeated run with its best test accuracy (a fraction):
+
+    ---------------Lambda = 0.100000.---------------
+    Experiment 1, ACC: 0.8554.
+    Experiment 2, ACC: 0.8582.
+
+A sweep appends to the file, so a re-run adds its lines after what is there; the parser
+gathers all accuracies found under the same lambda. The original named its files after
+NoVMTL / LowRank / Euclidean / Cosine; `load_results_dir` reads those names too and maps
+them to none / tracenorm / distance / cosine.
+"""
+import glob
+import os
+import re
+
+REGULARIZERS = ("none", "tracenorm", "distance", "cosine")
+ORIGINAL_NAMES = {"NoVMTL": "none", "LowRank": "tracenorm", "Euclidean": "distance",
+                  "Cosine": "cosine"}
+PREFIX = "Results-TAAN-Omniglot-"
+
+# Test accuracies the original reports (5 runs each; its Figure_wrt_Lambda.m), as fractions.
+# 'none' is the network without a regulariser, drawn at lambda = 0.
+REPORTED = {
+    "none": {0.0: [0.8368, 0.8560, 0.8417, 0.8358, 0.8353]},
+    "distance": {0.1: [0.8554, 0.8582, 0.8616, 0.8669, 0.8548],
+                 0.2: [0.8591, 0.8563, 0.8504, 0.8479, 0.8626],
+                 0.3: [0.8719, 0.8682, 0.8691, 0.8703, 0.8567],
+                 0.4: [0.8663, 0.8697, 0.8535, 0.8703, 0.8585]},
+    "tracenorm": {0.1: [0.7951, 0.8078, 0.8240, 0.8072, 0.7593],
+                  0.2: [0.7587, 0.7637, 0.7565, 0.7516, 0.7702],
+                  0.3: [0.7447, 0.7677, 0.7553, 0.7799, 0.7618],
+                  0.4: [0.7596, 0.7643, 0.7575, 0.7522, 0.7593]},
+    "cosine": {0.1: [0.8374, 0.8315, 0.7982, 0.8417, 0.8333],
+               0.2: [0.8066, 0.7724, 0.8100, 0.8246, 0.8259],
+               0.3: [0.7621, 0.8225, 0.8340, 0.8069, 0.8072],
+               0.4: [0.8725, 0.7845, 0.8327, 0.8053, 0.8560]},
+}
+
+_HEADER = re.compile(r"^-*\s*Lambda\s*=\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)\.?\s*-*\s*$")
+_EXPERIMENT = re.compile(r"^Experiment\s+(\d+)\s*,\s*ACC:\s*(\d*\.?\d+(?:[eE][-+]?\d+)?)\.?\s*$")
+
+
+def _check_reg(reg):
+    if reg not in REGULARIZERS and reg not in ORIGINAL_NAMES:
+        raise ValueError(f"regulariser must be one of {REGULARIZERS}, got {reg!r}")
+
+
+def results_path(results_dir, reg):
+    """Path of the result file of one regulariser."""
+    _check_reg(reg)
+    return os.path.join(results_dir, f"{PREFIX}{reg}.txt")
+
+
+def format_header(lam):
+    return "---------------Lambda = {:f}.---------------\n".format(lam)
+
+
+def format_experiment(index, acc):
+    if not 0.0 <= acc <= 1.0:
+        raise ValueError(f"accuracy must be a fraction in [0, 1], got {acc}")
+    return "Experiment {:d}, ACC: {:.4f}.\n".format(index, acc)
+
+
+def _append(path, text):
+    """Append text to a file atomically: old content + text into a temporary, then rename."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if old and not old.endswith("\n"):
+            old += "\n"
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(old + text)
+    os.replace(path + ".tmp", path)
+
+
+def append_header(path, lam):
+    """Start the block of one lambda ("---------------Lambda = 0.100000.---------------")."""
+    _append(path, format_header(lam))
+
+
+def append_experiment(path, index, acc):
+    """Add one run ("Experiment 1, ACC: 0.8554."); index counts from 1, acc is a fraction."""
+    _append(path, format_experiment(index, acc))
+
+
+def parse_results(path):
+    """{lambda: [accuracy, ...]} of one result file (accuracies as fractions, file order)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"result file {path} does not exist")
+    out, lam = {}, None
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            header, experiment = _HEADER.match(line), _EXPERIMENT.match(line)
+            if header:
+                lam = round(float(header.group(1)), 6)
+                out.setdefault(lam, [])
+            elif experiment:
+                if lam is None:
+                    raise ValueError(f"{path} line {number}: an Experiment line before any "
+                                     "'Lambda = ...' header")
+                out[lam].append(float(experiment.group(2)))
+            else:
+                raise ValueError(f"{path} line {number}: expected a '---Lambda = x.---' header "
+                                 f"or 'Experiment n, ACC: a.', got {line!r}")
+    return out
+
+
+def load_results_dir(results_dir):
+    """{regulariser: {lambda: [accuracy, ...]}} of every result file in a folder.
+
+    Files named after the original's regularisers (NoVMTL, LowRank, Euclidean, Cosine) are
+    read as none, tracenorm, distance, cosine; other names are skipped.
+    """
+    if not os.path.isdir(results_dir):
+        raise FileNotFoundError(f"results folder {results_dir} does not exist")
+    out = {}
+    for path in sorted(glob.glob(os.path.join(results_dir, PREFIX + "*.txt"))):
+        name = os.path.basename(path)[len(PREFIX):-len(".txt")]
+        reg = ORIGINAL_NAMES.get(name, name)
+        if reg not in REGULARIZERS:
+            continue
+        for lam, accs in parse_results(path).items():
+            out.setdefault(reg, {}).setdefault(lam, []).extend(accs)
+    return out
