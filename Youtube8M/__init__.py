@@ -1,0 +1,1 @@
+"""Youtube-8M experiment: data conversion, built-in synthetic data, loaders, models, training."""

@@ -1,0 +1,311 @@
+"""Batched, seeded, shardable loaders over the per-task HDF5 files of Youtube8M/data.py.
+
+    loaders, num_classes = MultiTask_Dataloader('train', batch_size=256, seed=0)
+    steps = MultiTaskBatches(loaders)            # one batch of every task per training step
+    for epoch in range(max_epoch):
+        steps.set_epoch(epoch)                   # like DistributedSampler.set_epoch
+        for batch in steps:                      # batch[t] = (features [b, 1152], labels [b, C_t])
+            ...
+    for x, y in loaders[t]: ...                  # one pass over task t (evaluation)
+
+Reading. A task's arrays are loaded into memory when they take at most `max_memory_mb`
+(always the case for the built-in synthetic data and for valid/test); a batch is then one
+numpy gather. Larger files are streamed: the rows are cut into blocks of `block_rows`
+contiguous rows, the blocks are shuffled, `chunk_blocks` blocks at a time are read with
+contiguous HDF5 slices and their rows are shuffled together. There is never one HDF5 read
+per sample.
+
+Order. The sample order of an epoch is a permutation drawn from
+np.random.default_rng([seed, task, epoch, cycle]) (cycle counts the restarts of a task inside
+one MultiTaskBatches epoch), so it is the same for the same seed and epoch -- a resumed run
+sees the same batches -- and differs across epochs. shuffle=False gives file order.
+
+Sharding. All ranks draw the same order. Global batch i covers the positions
+[i*B*W, (i+1)*B*W) of the order (B = batch_size, W = world_size) and rank r takes the r-th
+B of them, so ranks are disjoint, cover the data, and all have the same number of batches.
+With drop_last=False the last, partial global batch is split as evenly as possible (a rank's
+last batch may be smaller, and empty if fewer than W samples are left).
+
+Data: DEFAULT_DATA_PATH is <repository>/data/youtube8m, where `python Youtube8M/synthetic.py`
+writes by default.
+"""
+import json
+import os
+import queue
+import threading
+
+import h5py
+import numpy as np
+import torch
+
+from Youtube8M.data import FEATURE_SIZE, SPLITS, TASKS, task_file
+
+DEFAULT_DATA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "data", "youtube8m")
+
+
+def how_to_create(data_path):
+    return ("create it with `python Youtube8M/synthetic.py --out %s` (built-in synthetic data) or "
+            "`python Youtube8M/data.py --vocabulary vocabulary.csv --train 'train*.tfrecord' "
+            "--valid 'validate*.tfrecord' --out %s` (real Youtube-8M data)" % (data_path, data_path))
+
+
+def load_task_info(data_path=DEFAULT_DATA_PATH):
+    """The tasks.json written by the converter (task and class names, counts), or None."""
+    path = os.path.join(data_path, "tasks.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_task_file(path, help_text=""):
+    """Validate one task file; returns (num_samples, num_classes)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("task file %s is missing; %s" % (path, help_text))
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError("%s is not a readable HDF5 file (%s); %s" % (path, e, help_text))
+    with f:
+        missing = [k for k in ("features", "labels") if k not in f]
+        if missing or "num_classes" not in f.attrs:
+            raise ValueError("%s lacks %s; %s" % (path, ", ".join(missing) or "attribute num_classes",
+                                                   help_text))
+        x, y, c = f["features"], f["labels"], int(f.attrs["num_classes"])
+        if x.ndim != 2 or x.shape[1] != FEATURE_SIZE:
+            raise ValueError("features of %s have shape %s, expected [N, %d] video-level features "
+                             "(mean_rgb 1024 + mean_audio 128); %s"
+                             % (path, x.shape, FEATURE_SIZE, help_text))
+        if y.shape != (x.shape[0], c):
+            raise ValueError("labels of %s have shape %s, expected [N=%d, num_classes=%d]; %s"
+                             % (path, y.shape, x.shape[0], c, help_text))
+        if x.shape[0] == 0:
+            raise ValueError("%s holds no videos; %s" % (path, help_text))
+        return x.shape[0], c
+
+
+class _Failure:
+    def __init__(self, error):
+        self.error = error
+
+
+def _prefetch(batches, depth):
+    """Run the generator `batches` in a background thread, `depth` batches ahead."""
+    q, stop, done = queue.Queue(maxsize=depth), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def work():
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:
+            put(_Failure(e))
+        finally:
+            batches.close()
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
+class TaskLoader:
+    """Batches (features float32 [b, 1152], labels float32 [b, C]) of one task file.
+
+    len(loader) is the number of batches per epoch, the same on every rank.
+    """
+
+    def __init__(self, path, batch_size, shuffle=True, seed=0, rank=0, world_size=1,
+                 drop_last=False, num_workers=0, task=0, in_memory=None, max_memory_mb=1024,
+                 block_rows=512, chunk_blocks=64, help_text=""):
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1, got %d" % batch_size)
+        if not 0 <= rank < world_size:
+            raise ValueError("need 0 <= rank < world_size, got rank %d, world_size %d"
+                             % (rank, world_size))
+        self.path, self.task = path, task
+        self.num_samples, self.num_classes = check_task_file(path, help_text)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.num_workers, self.epoch = num_workers, 0
+        self.block_rows, self.chunk_blocks = block_rows, chunk_blocks
+        global_batch = batch_size * world_size
+        if drop_last:
+            self.num_batches = self.num_samples // global_batch
+        else:
+            self.num_batches = -(-self.num_samples // global_batch)
+        if self.num_batches == 0:
+            raise ValueError("%s has %d videos, fewer than one batch of batch_size x world_size = "
+                             "%d with drop_last=True; use a smaller batch size"
+                             % (path, self.num_samples, global_batch))
+        nbytes = self.num_samples * (FEATURE_SIZE * 4 + self.num_classes)
+        self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
+        if self.in_memory:
+            with h5py.File(path, "r") as f:
+                self.features, self.labels = f["features"][:], f["labels"][:]
+
+    def __len__(self):
+        return self.num_batches
+
+    def set_epoch(self, epoch):
+        """Select the sample order of the next passes (deterministic given seed and epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        return self.iter_epoch(self.epoch)
+
+    def iter_epoch(self, epoch, cycle=0):
+        """Batches of one pass; (epoch, cycle) select the order."""
+        batches = self._batches(epoch, cycle)
+        return _prefetch(batches, self.num_workers) if self.num_workers > 0 else batches
+
+    def _chunks(self, rng):
+        """The epoch order as chunks: (row ranges read together, permutation of their rows)."""
+        n = self.num_samples
+        if self.in_memory:
+            return [([(0, n)], rng.permutation(n) if self.shuffle else np.arange(n))]
+        blocks = np.arange(0, n, self.block_rows)
+        if self.shuffle:
+            blocks = rng.permutation(blocks)
+        chunks = []
+        for i in range(0, len(blocks), self.chunk_blocks):
+            starts = np.sort(blocks[i:i + self.chunk_blocks])
+            ranges = [(int(s), int(min(s + self.block_rows, n))) for s in starts]
+            rows = sum(b - a for a, b in ranges)
+            chunks.append((ranges, rng.permutation(rows) if self.shuffle else np.arange(rows)))
+        return chunks
+
+    def _bounds(self, b):
+        """Positions [lo, hi) of the epoch order that form this rank's batch b."""
+        B, W, r = self.batch_size, self.world_size, self.rank
+        full = self.num_samples // (B * W)
+        if b < full:
+            lo = b * B * W + r * B
+            return lo, lo + B
+        left, base = self.num_samples - full * B * W, full * B * W
+        return base + (r * left) // W, base + ((r + 1) * left) // W
+
+    def _read(self, f, ranges, buffers):
+        """Rows of `ranges` (contiguous slices) into the reused buffers; in memory: all rows."""
+        if f is None:
+            return self.features, self.labels
+        x, y = buffers
+        at = 0
+        for a, b in ranges:
+            f["features"].read_direct(x, np.s_[a:b], np.s_[at:at + b - a])
+            f["labels"].read_direct(y, np.s_[a:b], np.s_[at:at + b - a])
+            at += b - a
+        return x[:at], y[:at]
+
+    def _batches(self, epoch, cycle):
+        chunks = self._chunks(np.random.default_rng([self.seed, self.task, epoch, cycle]))
+        starts = np.cumsum([0] + [len(perm) for _, perm in chunks])
+        f, buffers = None, None
+        if not self.in_memory:
+            f = h5py.File(self.path, "r")
+            rows = max(len(perm) for _, perm in chunks)
+            buffers = (np.empty((rows, FEATURE_SIZE), dtype=np.float32),
+                       np.empty((rows, self.num_classes), dtype=f["labels"].dtype))
+        loaded, x, y = -1, None, None
+        try:
+            for b in range(self.num_batches):
+                lo, hi = self._bounds(b)
+                xs, ys = [], []
+                while lo < hi or not xs:
+                    k = min(int(np.searchsorted(starts, lo, side="right")) - 1, len(chunks) - 1)
+                    if k != loaded:
+                        x, y = self._read(f, chunks[k][0], buffers)
+                        loaded = k
+                    end = min(hi, starts[k + 1])
+                    idx = chunks[k][1][lo - starts[k]:end - starts[k]]
+                    xs.append(x[idx])
+                    ys.append(y[idx])
+                    lo = end
+                xb = xs[0] if len(xs) == 1 else np.concatenate(xs)
+                yb = ys[0] if len(ys) == 1 else np.concatenate(ys)
+                yield torch.from_numpy(xb), torch.from_numpy(yb.astype(np.float32))
+        finally:
+            if f is not None:
+                f.close()
+
+
+class MultiTaskBatches:
+    """Training steps that take one batch from every task: each step yields [(x_t, y_t)] * T.
+
+    An epoch has `steps` steps, by default the largest len(loader): the task with most
+    batches is seen once, shorter tasks restart (with a fresh order: cycle 1, 2, ...) when
+    they run out. Call set_epoch(epoch) before each epoch.
+    """
+
+    def __init__(self, loaders, steps=None):
+        self.loaders, self.steps, self.epoch = list(loaders), steps, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        for loader in self.loaders:
+            loader.set_epoch(epoch)
+
+    def __len__(self):
+        return self.steps if self.steps is not None else max(len(l) for l in self.loaders)
+
+    def __iter__(self):
+        epoch, steps = self.epoch, len(self)
+        iters = [loader.iter_epoch(epoch, 0) for loader in self.loaders]
+        cycles = [0] * len(self.loaders)
+        try:
+            for _ in range(steps):
+                batch = []
+                for t, loader in enumerate(self.loaders):
+                    item = next(iters[t], None)
+                    if item is None:
+                        cycles[t] += 1
+                        iters[t].close()
+                        iters[t] = loader.iter_epoch(epoch, cycles[t])
+                        item = next(iters[t])
+                    batch.append(item)
+                yield batch
+        finally:
+            for it in iters:
+                it.close()
+
+
+def MultiTask_Dataloader(mode, batch_size, shuffle=True, data_path=None, num_workers=0, seed=0,
+                         rank=0, world_size=1, drop_last=False, max_memory_mb=1024):
+    """Per-task loaders of split `mode` ('train', 'valid' or 'test') and their class counts.
+
+    Returns (loaders, num_classes): loaders[t] is a TaskLoader of task t (in the order of
+    Youtube8M.data.TASKS) and num_classes[t] its class count. num_workers > 0 prepares that
+    many batches ahead in a background thread. Tasks larger than max_memory_mb are streamed.
+    """
+    if mode not in SPLITS:
+        raise ValueError("mode must be one of %s, got %r" % (SPLITS, mode))
+    data_path = DEFAULT_DATA_PATH if data_path is None else data_path
+    help_text = how_to_create(data_path)
+    if not os.path.isdir(data_path):
+        raise FileNotFoundError("data folder %s does not exist; %s" % (data_path, help_text))
+    loaders = [TaskLoader(task_file(data_path, mode, t), batch_size, shuffle=shuffle, seed=seed,
+                          rank=rank, world_size=world_size, drop_last=drop_last,
+                          num_workers=num_workers, task=t, max_memory_mb=max_memory_mb,
+                          help_text=help_text)
+               for t in range(len(TASKS))]
+    return loaders, [loader.num_classes for loader in loaders]

@@ -1,0 +1,107 @@
+"""Loader throughput: one HDF5 read per sample (the original's way) against Youtube8M.torch_loader.
+
+Builds a temporary task file of `--rows` videos (1152 float32 features, uint8 labels, the
+converter's layout) and measures shuffled samples per second of
+  (a) a torch DataLoader over a Dataset that reads one row per __getitem__ (on a subset:
+      it is slow),
+  (b) our TaskLoader with the arrays in memory (load time counted separately and included),
+  (c) our TaskLoader streaming shuffled blocks from the file (for files larger than memory).
+Each rate is the best of two passes (one epoch each).
+
+    python benchmarks/loader.py [--rows 50000] [--per_sample 3000] [--batch_size 256]
+"""
+if __name__ == "__main__" and not __package__:
+    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import os
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from Youtube8M.data import FEATURE_SIZE
+from Youtube8M.torch_loader import TaskLoader
+
+
+class PerSampleDataset(Dataset):
+    """One h5py read of features and labels per sample."""
+
+    def __init__(self, path):
+        f = h5py.File(path, "r")
+        self.features, self.labels = f["features"], f["labels"]
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, i):
+        return self.features[i], np.asarray(self.labels[i], dtype=np.float32)
+
+
+def write_task_file(path, rows, num_classes=10, seed=0):
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        x = f.create_dataset("features", (rows, FEATURE_SIZE), dtype=np.float32,
+                             chunks=(128, FEATURE_SIZE))
+        y = f.create_dataset("labels", (rows, num_classes), dtype=np.uint8,
+                             chunks=(1024, num_classes))
+        f.attrs["num_classes"] = num_classes
+        for a in range(0, rows, 8192):
+            b = min(a + 8192, rows)
+            x[a:b] = rng.standard_normal((b - a, FEATURE_SIZE), dtype=np.float32)
+            y[a:b] = rng.random((b - a, num_classes)) < 0.2
+
+
+def samples_per_second(batches, passes=2):
+    """Samples and the best samples/s of `passes` passes (the first one warms the caches)."""
+    best = 0.0
+    for _ in range(passes):
+        start, n = time.perf_counter(), 0
+        for x, y in batches:
+            n += len(x)
+        best = max(best, n / (time.perf_counter() - start))
+    return n, best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=50000)
+    parser.add_argument("--per_sample", type=int, default=3000, help="samples read the slow way")
+    parser.add_argument("--batch_size", type=int, default=256)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "train_task_0.hdf5")
+        write_task_file(path, args.rows)
+        print("task file: %d rows x %d float32 (%.0f MB), batch size %d"
+              % (args.rows, FEATURE_SIZE, os.path.getsize(path) / 2 ** 20, args.batch_size))
+
+        subset = Subset(PerSampleDataset(path), np.arange(min(args.per_sample, args.rows)))
+        slow = DataLoader(subset, batch_size=args.batch_size, shuffle=True)
+        n, slow_rate = samples_per_second(slow)
+        print("(a) one h5py read per sample, shuffled:      %9.0f samples/s  (%d samples)"
+              % (slow_rate, n))
+
+        start = time.perf_counter()
+        ours = TaskLoader(path, args.batch_size, shuffle=True, in_memory=True)
+        load_s = time.perf_counter() - start
+        ours.set_epoch(1)
+        n, mem_rate = samples_per_second(ours)
+        print("(b) ours, in memory, shuffled:               %9.0f samples/s  (%d samples; "
+              "loading took %.2f s, %.0f samples/s with loading)"
+              % (mem_rate, n, load_s, n / (load_s + n / mem_rate)))
+
+        stream = TaskLoader(path, args.batch_size, shuffle=True, in_memory=False)
+        stream.set_epoch(1)
+        n, stream_rate = samples_per_second(stream)
+        print("(c) ours, streamed shuffled blocks:          %9.0f samples/s  (%d samples)"
+              % (stream_rate, n))
+        print("ratio (b)/(a) = %.0fx, (c)/(a) = %.0fx"
+              % (mem_rate / slow_rate, stream_rate / slow_rate))
+
+
+if __name__ == "__main__":
+    main()

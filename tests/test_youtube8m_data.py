@@ -1,0 +1,310 @@
+"""Youtube-8M data: TFRecord -> HDF5 converter, built-in synthetic data, batched loaders."""
+import csv
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from tfrecord.writer import TFRecordWriter
+
+from Youtube8M.data import FEATURE_SIZE, TASKS, convert, split_validate_files, task_file
+from Youtube8M.synthetic import GROUPS, ensure_builtin_data, make_synthetic_data
+from Youtube8M.torch_loader import MultiTask_Dataloader, MultiTaskBatches, TaskLoader
+
+T = len(TASKS)
+
+
+# ---------------------------------------------------------------- helpers
+def write_vocabulary(path):
+    """Entry i has vertical TASKS[i % 17] (i % 17 == 16: 'News', outside the tasks).
+
+    Task t thus has classes 0 -> entry t and 1 -> entry t + 17.
+    """
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl",
+                    "Vertical1", "Vertical2", "Vertical3", "WikiDescription"])
+        rows = [[i, 0, "/m/%d" % i, "name%d" % i, "", TASKS[i % 17] if i % 17 < 16 else "News",
+                 "", "", "a, quoted \"description\""] for i in range(34)]
+        for row in reversed(rows):                       # file order != Index order
+            w.writerow(row)
+
+
+def task_of(entry):
+    return entry % 17 if entry % 17 < 16 else -1
+
+
+def write_videos(path, videos, rgb_size=1024):
+    w = TFRecordWriter(path)
+    for vid, labels, x in videos:
+        w.write({"id": (vid, "byte"), "labels": (labels, "int"),
+                 "mean_rgb": (x[:rgb_size].tolist(), "float"),
+                 "mean_audio": (x[1024:].tolist(), "float")})
+    w.close()
+
+
+def random_videos(rng, n, prefix):
+    videos = []
+    for i in range(n):
+        labels = sorted(rng.choice(34, size=rng.integers(1, 5), replace=False).tolist())
+        videos.append(((prefix + "%03d" % i).encode(), labels,
+                       rng.standard_normal(FEATURE_SIZE).astype(np.float32)))
+    videos.append(((prefix + "off").encode(), [16, 33], np.ones(FEATURE_SIZE, np.float32)))
+    return videos
+
+
+def expected_task_rows(videos, t):
+    rows = [(x, [e for e in labels if task_of(e) == t]) for _, labels, x in videos]
+    rows = [(x, ls) for x, ls in rows if ls]
+    y = np.zeros((len(rows), 2), np.uint8)
+    for i, (_, ls) in enumerate(rows):
+        for e in ls:
+            y[i, e // 17] = 1
+    return np.array([x for x, _ in rows]).reshape(-1, FEATURE_SIZE), y
+
+
+@pytest.fixture
+def raw(tmp_path):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_vocabulary(str(raw / "vocabulary.csv"))
+    files = {}
+    for name, n in [("train0", 30), ("train1", 25), ("validate0", 10), ("validate1", 12),
+                    ("validate2", 8), ("validate3", 11)]:
+        files[name] = random_videos(rng, n, name)
+        write_videos(str(raw / (name + ".tfrecord")), files[name])
+    return raw, files
+
+
+# ---------------------------------------------------------------- converter
+def test_converter_round_trip(raw, tmp_path):
+    raw, files = raw
+    out = str(tmp_path / "out")
+    info = convert(str(raw / "vocabulary.csv"), str(raw / "train*.tfrecord"),
+                   str(raw / "validate*.tfrecord"), out, seed=3)
+    valid, test = split_validate_files(sorted(str(raw / n) + ".tfrecord" for n in files
+                                              if n.startswith("validate")), 3)
+    order = {"train": ["train0", "train1"],
+             "valid": [os.path.basename(f)[:-9] for f in valid],
+             "test": [os.path.basename(f)[:-9] for f in test]}
+    assert info["classes"][5] == ["name5", "name22"]
+    assert info["num_classes"] == [2] * T
+    for split, names in order.items():
+        videos = [v for n in names for v in files[n]]
+        assert info["videos"][split] == len(videos)
+        for t in range(T):
+            x, y = expected_task_rows(videos, t)
+            with h5py.File(task_file(out, split, t), "r") as f:
+                assert f["features"].dtype == np.float32 and f["labels"].dtype == np.uint8
+                assert int(f.attrs["num_classes"]) == 2
+                np.testing.assert_array_equal(f["features"][:], x)
+                np.testing.assert_array_equal(f["labels"][:], y)
+            assert info["counts"][split][t] == len(x)
+    with open(os.path.join(out, "tasks.json")) as f:
+        assert json.load(f)["tasks"] == TASKS
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_validate_split_halves_disjoint_covering_seeded():
+    files = ["v%02d.tfrecord" % i for i in range(11)]
+    valid, test = split_validate_files(files[::-1], seed=0)
+    assert len(valid) == 5 and len(test) == 6
+    assert not set(valid) & set(test) and sorted(valid + test) == files
+    assert split_validate_files(files, seed=0) == (valid, test)        # input order irrelevant
+    assert split_validate_files(files, seed=1) != (valid, test)
+    with pytest.raises(ValueError, match="at least 2 validate files"):
+        split_validate_files(files[:1], seed=0)
+
+
+def test_converter_errors(raw, tmp_path):
+    raw, files = raw
+    voc, tr, va = str(raw / "vocabulary.csv"), str(raw / "train*.tfrecord"), str(raw / "validate*")
+    out = str(tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="vocabulary file .*missing.csv.* not found"):
+        convert(str(raw / "missing.csv"), tr, va, out)
+    with pytest.raises(FileNotFoundError, match="no train TFRecord files match .*nothing"):
+        convert(voc, str(raw / "nothing*.tfrecord"), va, out)
+    rng = np.random.default_rng(1)
+    write_videos(str(raw / "train2.tfrecord"), random_videos(rng, 3, "bad"), rgb_size=1000)
+    with pytest.raises(ValueError, match="record 0 of .*train2.tfrecord: feature 'mean_rgb' "
+                                         "has 1000 values, expected 1024"):
+        convert(voc, tr, va, out)
+    assert os.listdir(out) == []              # a failed conversion leaves no (partial) files
+
+
+# ---------------------------------------------------------------- synthetic data
+def test_synthetic_sizes_groups_labels(tmp_path):
+    out = str(tmp_path / "syn")
+    info = make_synthetic_data(out, seed=0, num_train=2000, num_valid=400, train_files=2,
+                               valid_files=2)
+    assert info["synthetic"] and info["synthetic_groups"] == GROUPS
+    assert info["videos"]["train"] == 2000
+    assert info["videos"]["valid"] + info["videos"]["test"] == 400
+    assert sorted(os.listdir(out)) == sorted(["tasks.json"] + [
+        os.path.basename(task_file(out, s, t)) for s in ("train", "valid", "test") for t in range(T)])
+    labels, directions = 0, []
+    for t in range(T):
+        with h5py.File(task_file(out, "train", t), "r") as f:
+            x, y = f["features"][:], f["labels"][:].astype(np.float64)
+            assert int(f.attrs["num_classes"]) == info["num_classes"][t] == y.shape[1]
+        assert 3 <= y.shape[1] <= 12 and len(y) == info["counts"]["train"][t] > 50
+        assert y.sum(1).min() >= 1
+        labels += y.sum()
+        # the feature directions that carry task t's labels: top-3 right singular vectors
+        coef = np.linalg.lstsq(y - y.mean(0), x - x.mean(0), rcond=None)[0]
+        directions.append(np.linalg.svd(coef, full_matrices=False)[2][:3])
+    assert 2.5 < labels / 2000 < 3.5                          # about 3 labels per video
+    assert len(set(info["counts"]["train"])) > 8              # tasks of different sizes
+    overlap = np.array([[np.sum((a @ b.T) ** 2) for b in directions] for a in directions])
+    group = np.repeat(np.arange(4), 4)
+    same = (group[:, None] == group[None]) & ~np.eye(T, dtype=bool)
+    np.fill_diagonal(overlap, -1)
+    assert all(group[overlap[t].argmax()] == group[t] for t in range(T))   # planted groups show
+    assert overlap[same].mean() > 5 * overlap[group[:, None] != group[None]].mean()
+
+
+def test_ensure_builtin_data_only_when_absent(tmp_path):
+    out = str(tmp_path / "d")
+    assert ensure_builtin_data(out, num_train=300, num_valid=100) == out
+    stamp = os.stat(task_file(out, "train", 0)).st_mtime_ns
+    ensure_builtin_data(out, num_train=300, num_valid=100)
+    assert os.stat(task_file(out, "train", 0)).st_mtime_ns == stamp
+    loaders, num_classes = MultiTask_Dataloader("valid", 64, data_path=out)
+    assert len(loaders) == T and all(3 <= c <= 12 for c in num_classes)
+
+
+# ---------------------------------------------------------------- loader
+SIZES = [37 + 13 * t for t in range(T)]
+
+
+def write_task_files(root, split="train", sizes=SIZES, width=FEATURE_SIZE, extra_classes=0):
+    """Task t: row i has feature[0] = i and one-hot label i % C_t."""
+    os.makedirs(root, exist_ok=True)
+    for t, n in enumerate(sizes):
+        c = 2 + t % 3
+        x = np.zeros((n, width), np.float32)
+        x[:, 0] = np.arange(n)
+        y = np.zeros((n, c + extra_classes), np.uint8)
+        y[np.arange(n), np.arange(n) % c] = 1
+        with h5py.File(task_file(root, split, t), "w") as f:
+            f["features"], f["labels"] = x, y
+            f.attrs["num_classes"] = c
+    return root
+
+
+def row_ids(batches):
+    ids = []
+    for x, y in batches:
+        assert x.dtype == torch.float32 and y.dtype == torch.float32
+        i = x[:, 0].long()
+        assert torch.equal(y.argmax(1), i % y.shape[1])            # labels stay with their row
+        ids.append(i)
+    return torch.cat(ids).tolist() if ids else []
+
+
+def test_loader_epoch_covers_each_sample_once_and_is_seeded(tmp_path):
+    root = write_task_files(str(tmp_path))
+    loaders, num_classes = MultiTask_Dataloader("train", 16, data_path=root, seed=5)
+    assert num_classes == [2 + t % 3 for t in range(T)]
+    again, _ = MultiTask_Dataloader("train", 16, data_path=root, seed=5)
+    other, _ = MultiTask_Dataloader("train", 16, data_path=root, seed=6)
+    for t, loader in enumerate(loaders):
+        assert len(loader) == -(-SIZES[t] // 16)
+        orders = []
+        for epoch in range(2):
+            loader.set_epoch(epoch)
+            again[t].set_epoch(epoch)
+            ids = row_ids(loader)
+            assert sorted(ids) == list(range(SIZES[t]))
+            assert ids == row_ids(again[t])                          # same seed + epoch
+            orders.append(ids)
+        assert orders[0] != orders[1] and orders[0] != list(range(SIZES[t]))
+        assert row_ids(other[t]) != orders[0]
+    plain, _ = MultiTask_Dataloader("train", 16, shuffle=False, data_path=root)
+    assert row_ids(plain[3]) == list(range(SIZES[3]))
+
+
+def test_streamed_loader_and_prefetch_match_contract(tmp_path):
+    root = write_task_files(str(tmp_path))
+    path = task_file(root, "train", 7)
+    n = SIZES[7]
+    stream = TaskLoader(path, 10, seed=1, in_memory=False, block_rows=8, chunk_blocks=3)
+    stream.set_epoch(2)
+    ids = row_ids(stream)
+    assert sorted(ids) == list(range(n)) and ids != list(range(n))
+    assert ids == row_ids(TaskLoader(path, 10, seed=1, in_memory=False, block_rows=8,
+                                     chunk_blocks=3).iter_epoch(2))
+    memory = TaskLoader(path, 10, seed=1)
+    threaded = TaskLoader(path, 10, seed=1, num_workers=2)
+    assert row_ids(memory) == row_ids(threaded)
+    for x, y in threaded:                       # leaving early stops the prefetch thread
+        break
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_rank_shards_disjoint_and_covering(tmp_path, drop_last):
+    root = write_task_files(str(tmp_path))
+    n, B, W = SIZES[4], 8, 3                     # 89 rows: 3 full global batches of 24 + 17
+    shards = [TaskLoader(task_file(root, "train", 4), B, seed=2, rank=r, world_size=W,
+                         drop_last=drop_last) for r in range(W)]
+    ids = [row_ids(s) for s in shards]
+    assert len({len(s) for s in shards}) == 1
+    assert len(shards[0]) == (n // (B * W) if drop_last else -(-n // (B * W)))
+    flat = sum(ids, [])
+    assert len(flat) == len(set(flat))
+    if drop_last:
+        assert len(flat) == (n // (B * W)) * B * W and all(len(i) == len(ids[0]) for i in ids)
+    else:
+        assert sorted(flat) == list(range(n))
+    whole = row_ids(TaskLoader(task_file(root, "train", 4), B * W, seed=2))
+    assert sorted(flat) == sorted(whole[:len(flat)])            # a shard of the same order
+
+
+def test_multitask_batches_cycle_shorter_tasks(tmp_path):
+    root = write_task_files(str(tmp_path))
+    loaders, _ = MultiTask_Dataloader("train", 32, data_path=root, seed=0)
+    steps = MultiTaskBatches(loaders)
+    assert len(steps) == max(len(l) for l in loaders) == -(-SIZES[-1] // 32)
+    steps.set_epoch(4)
+    seen = [[] for _ in range(T)]
+    count = 0
+    for batch in steps:
+        assert len(batch) == T
+        for t, (x, y) in enumerate(batch):
+            seen[t].append(x[:, 0].long().tolist())
+        count += 1
+    assert count == len(steps)
+    for t, loader in enumerate(loaders):
+        first = sum(seen[t][:len(loader)], [])
+        assert sorted(first) == list(range(SIZES[t]))            # one full pass, then restart
+        loader.set_epoch(4)
+        assert first == row_ids(loader)
+        if len(loader) < len(steps):
+            assert seen[t][len(loader)] == row_ids(loader.iter_epoch(4, cycle=1))[:32]
+    steps.set_epoch(5)
+    assert next(iter(steps))[0][0][:, 0].tolist() != seen[0][0]
+
+
+def test_loader_errors_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*synthetic.py --out.*data.py"):
+        MultiTask_Dataloader("train", 8, data_path=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        MultiTask_Dataloader("validate", 8, data_path=str(tmp_path))
+    root = write_task_files(str(tmp_path / "a"))
+    os.remove(task_file(root, "train", 9))
+    with pytest.raises(FileNotFoundError, match="train_task_9.hdf5 is missing.*synthetic.py"):
+        MultiTask_Dataloader("train", 8, data_path=root)
+    root = write_task_files(str(tmp_path / "b"), width=1000)
+    with pytest.raises(ValueError, match=r"features of .*train_task_0.hdf5 have shape \(37, 1000\), "
+                                         r"expected \[N, 1152\].*synthetic.py"):
+        MultiTask_Dataloader("train", 8, data_path=root)
+    root = write_task_files(str(tmp_path / "c"), extra_classes=1)
+    with pytest.raises(ValueError, match=r"labels of .*train_task_0.hdf5 have shape \(37, 3\), "
+                                         r"expected \[N=37, num_classes=2\].*data.py"):
+        MultiTask_Dataloader("train", 8, data_path=root)
+    root = write_task_files(str(tmp_path / "d"))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        MultiTask_Dataloader("train", 64, data_path=root, drop_last=True)
