@@ -1,0 +1,157 @@
+"""The TAL activation without a [..., basis] tensor.
+
+    f_t(a) = relu(a) + sum_m alpha[t, m] relu(s_m - a)
+
+is piecewise linear in ``a`` with kinks at the basis points. Sort the basis
+(s_0 <= ... <= s_{M-1}) and let k(a) = #{m : s_m <= a} be the bucket of ``a``; the terms
+m >= k are the active ones, so with the suffix tables
+
+    A[t, k] = sum_{m >= k} alpha[t, m],      S[t, k] = sum_{m >= k} alpha[t, m] s_m
+
+the activation is exactly ``relu(a) + S[t, k] - a A[t, k]`` -- memory O(elements).
+For the backward pass, with G[t, k] = sum of the incoming gradient g over the elements
+of task t in bucket k and H[t, k] = the same sum of g * a:
+
+    dL/da          = g (1[a > 0] - A[t, k])
+    dL/dalpha[t,m] = sum_{k <= m} (s_m G[t, k] - H[t, k])      (elements with s_m > a)
+    dL/ds_m        = sum_t alpha[t, m] sum_{k <= m} G[t, k]
+
+The forward pass keeps ``a`` and, for up to 255 basis functions, each element's bucket as
+one byte; with more, the backward pass finds the buckets again (cheaper than keeping them).
+Two backends compute the same formulas: a fused C++ loop on the CPU (built once with
+``torch.utils.cpp_extension``; about a minute) and plain PyTorch ops everywhere else.
+``TAAN_TAL_BACKEND=torch`` forces the PyTorch path, ``=cpp`` requires the C++ one.
+"""
+import os
+import sys
+import threading
+import warnings
+
+import torch
+
+_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "tal_activation.cpp")
+_ext = None
+_ext_failed = False
+_lock = threading.Lock()
+KEEP_BUCKETS_MAX_BASIS = 255   # up to here bucket ids are kept (uint8); above, found again
+
+
+def _load_extension():
+    """Build (first time only, then cached by torch) and load the C++ kernel, or None."""
+    global _ext, _ext_failed
+    if _ext is not None or _ext_failed:
+        return _ext
+    with _lock:
+        if _ext is not None or _ext_failed:
+            return _ext
+        try:
+            try:   # the `ninja` wheel puts its binary next to the interpreter; make sure torch finds it
+                import ninja
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
+            from torch.utils.cpp_extension import load
+            print("TAL: loading the fused CPU kernel (built once, about a minute the first time)...",
+                  file=sys.stderr, flush=True)
+            _ext = load(name="taan_tal_activation", sources=[_SRC],
+                        extra_cflags=["-O3", "-march=native", "-ffp-contract=off"], verbose=False)
+        except Exception as err:  # no compiler, no ninja, ...: the PyTorch path gives the same numbers
+            _ext_failed = True
+            if os.environ.get("TAAN_TAL_BACKEND", "auto") == "cpp":
+                raise RuntimeError(f"TAAN_TAL_BACKEND=cpp but the C++ kernel could not be built: {err}") from err
+            warnings.warn(f"TAL: C++ kernel unavailable ({type(err).__name__}: {err}); "
+                          "using the pure-PyTorch path (same numbers, slower on the CPU).")
+    return _ext
+
+
+def backend_for(tensor):
+    """'cpp' or 'torch': which implementation runs for a tensor on its device."""
+    choice = os.environ.get("TAAN_TAL_BACKEND", "auto").lower()
+    if choice not in ("auto", "cpp", "torch"):
+        raise ValueError(f"TAAN_TAL_BACKEND must be auto, cpp or torch, got {choice!r}")
+    if choice == "torch" or tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
+        if choice == "cpp" and tensor.device.type != "cpu":
+            raise ValueError("TAAN_TAL_BACKEND=cpp only applies to CPU tensors")
+        return "torch"
+    return "cpp" if _load_extension() is not None else "torch"
+
+
+# ----------------------------------------------------------------------------- PyTorch path
+def _torch_forward(a, row_task, s, A, S):
+    K = A.shape[1]
+    k = torch.searchsorted(s, a, right=True)                 # #{m : s_m <= a}
+    idx = row_task.view(-1, 1) * K + k
+    out = a.clamp_min(0) + S.reshape(-1)[idx] - a * A.reshape(-1)[idx]
+    keep = s.numel() <= KEEP_BUCKETS_MAX_BASIS
+    return out, (k.to(torch.uint8) if keep else k.new_empty(0, a.shape[1], dtype=torch.uint8))
+
+
+def _torch_backward(g, a, k, row_task, s, A, need_grad_a):
+    T, K = A.shape
+    k = k.long() if k.numel() else torch.searchsorted(s, a, right=True)
+    idx = (row_task.view(-1, 1) * K + k).reshape(-1)
+    gd = g.reshape(-1).double()
+    sums = torch.zeros(2, T * K, dtype=torch.float64, device=a.device)
+    sums[0].index_add_(0, idx, gd)
+    sums[1].index_add_(0, idx, gd * a.reshape(-1).double())
+    grad_a = g * ((a > 0).to(a.dtype) - A.reshape(-1)[idx].view_as(a)) if need_grad_a else None
+    return grad_a, sums.view(2, T, K)
+
+
+# ----------------------------------------------------------------------------- autograd
+def _sorted_tables(alpha, basis):
+    """Sorted basis s, its permutation, alpha in that order, suffix tables A and S [T, M+1]."""
+    s, perm = basis.reshape(-1).sort()
+    alpha_s = alpha[:, perm]
+    zero = alpha_s.new_zeros(alpha_s.shape[0], 1)
+    A = torch.cat([alpha_s.flip(1).cumsum(1).flip(1), zero], 1)
+    S = torch.cat([(alpha_s * s).flip(1).cumsum(1).flip(1), zero], 1)
+    return s.contiguous(), perm, alpha_s, A.contiguous(), S.contiguous()
+
+
+class TALActivation(torch.autograd.Function):
+    """out[r, n] = f_{row_task[r]}(a[r, n]); a is [R, N], row_task a LongTensor [R]."""
+
+    @staticmethod
+    def forward(ctx, a, alpha, basis, row_task):
+        a = a.contiguous()
+        s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
+        ctx.backend = backend_for(a)
+        if ctx.backend == "cpp":
+            out, k = _ext.forward(a, row_task, s, A, S)
+        else:
+            out, k = _torch_forward(a, row_task, s, A, S)
+        ctx.save_for_backward(a, k, row_task, s, perm, alpha_s, A)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, k, row_task, s, perm, alpha_s, A = ctx.saved_tensors
+        g = g.contiguous()
+        need_a = ctx.needs_input_grad[0]
+        if ctx.backend == "cpp":
+            grad_a, sums = _ext.backward(g, a, k, row_task, s, A, need_a)
+        else:
+            grad_a, sums = _torch_backward(g, a, k, row_task, s, A, need_a)
+        M = s.numel()
+        cum_g, cum_ga = sums[:, :, :M].cumsum(2)                # sums over buckets k <= m
+        grad_alpha = grad_basis = None
+        if ctx.needs_input_grad[1]:
+            grad_alpha = torch.empty_like(alpha_s)
+            grad_alpha[:, perm] = (s.double() * cum_g - cum_ga).to(a.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_basis = torch.empty(1, M, dtype=a.dtype, device=a.device)
+            grad_basis[0, perm] = (alpha_s.double() * cum_g).sum(0).to(a.dtype)
+        return (grad_a if need_a else None), grad_alpha, grad_basis, None
+
+
+def tal_activation(a, alpha, basis, row_task):
+    """TAL activation of ``a`` [R, N] where row r uses task ``row_task[r]``."""
+    return TALActivation.apply(a, alpha, basis, row_task)
+
+
+def tal_activation_naive(a, alpha_rows, basis):
+    """The formula as written, building the [..., M] tensor: for tests and benchmarks.
+    ``alpha_rows`` broadcasts against ``a[..., None]`` (e.g. alpha[row_task][:, None, :])."""
+    return torch.relu(a) + (torch.relu(basis.reshape(-1) - a.unsqueeze(-1)) * alpha_rows).sum(-1)

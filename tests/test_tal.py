@@ -1,0 +1,386 @@
+"""TAL layers: exactness against the naive formula, gradients, regularisers, errors."""
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from Layers import TAL_Conv2d, TAL_Linear
+from Layers import TAL_pytorch as tal
+from Layers import _tal_kernel
+
+BACKENDS = ["torch", "cpp"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, monkeypatch):
+    monkeypatch.setenv("TAAN_TAL_BACKEND", request.param)
+    if request.param == "cpp":
+        assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
+    return request.param
+
+
+def naive_layer(layer, x, task, per_row=False):
+    """The original algorithm written out: affine, BN, then relu(a) + sum_m alpha relu(b_m - a)."""
+    conv = isinstance(layer, TAL_Conv2d)
+    fd = 3 if conv else 1
+    per_task_input = isinstance(task, torch.Tensor) and not per_row and x.dim() == 2 + fd
+    xin = x.flatten(0, 1) if per_task_input else x
+    a = layer._conv_forward(xin, layer.weight, layer.bias) if conv else F.linear(xin, layer.weight, layer.bias)
+    if hasattr(layer, "bn"):
+        a = layer.bn(a)
+    b = layer.basis.reshape(-1)
+    pad = (1,) * (a.dim() - 1)                       # broadcast alpha over the feature dims
+    if isinstance(task, int):
+        return tal_act(a, layer.alpha[task].view(*pad, -1), b)
+    if per_row:
+        return tal_act(a, layer.alpha[task].view(a.shape[0], *pad, -1), b)
+    B, k = x.shape[0], task.numel()
+    a = a.view(B, -1, *a.shape[1:])                  # [B, 1 or k, ...]
+    return tal_act(a, layer.alpha[task].view(1, k, *pad, -1), b)
+
+
+def tal_act(a, alpha, b):
+    return torch.relu(a) + (torch.relu(b - a.unsqueeze(-1)) * alpha).sum(-1)
+
+
+def make(kind, bn, normalize=False, tasks=5, basis=7, dropout=False):
+    torch.manual_seed(1)
+    if kind == "linear":
+        layer = TAL_Linear(6, 9, basis, tasks, bn=bn, normalize=normalize, dropout=dropout)
+    else:
+        layer = TAL_Conv2d(3, 4, 3, basis, tasks, padding=1, bn=bn, normalize=normalize, dropout=dropout)
+    with torch.no_grad():                            # alpha large enough that the test means something
+        layer.alpha.normal_()
+    return layer.double()
+
+
+def inputs(kind, B, k=None):
+    shape = (6,) if kind == "linear" else (3, 5, 4)
+    lead = (B,) if k is None else (B, k)
+    return torch.randn(*lead, *shape, dtype=torch.float64)
+
+
+MODES = ["int", "ids_shared", "ids_per_task", "per_row"]
+
+
+def call(layer, kind, mode, B=11):
+    g = torch.Generator().manual_seed(2)
+    if mode == "int":
+        return inputs(kind, B), 3, False
+    if mode == "ids_shared":
+        return inputs(kind, B), torch.tensor([4, 0, 2, 2]), False
+    if mode == "ids_per_task":
+        return inputs(kind, B, 3), torch.tensor([1, 4, 0]), False
+    return inputs(kind, B), torch.randint(0, layer.tasks, (B,), generator=g), True
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("bn", [False, True])
+def test_matches_naive_formula(backend, kind, mode, bn):
+    layer = make(kind, bn)
+    layer.eval()
+    x, task, per_row = call(layer, kind, mode)
+    out = layer(x, task, per_row=per_row)
+    ref = naive_layer(layer, x, task, per_row)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max().item() < 1e-10
+
+
+def test_output_shapes_follow_the_original():
+    lin, conv = make("linear", False), make("conv", True)
+    assert lin(inputs("linear", 4), 1).shape == (4, 9)
+    assert lin(inputs("linear", 4), torch.tensor([0, 1])).shape == (4, 2, 9)
+    assert lin(inputs("linear", 4, 2), torch.tensor([0, 1])).shape == (4, 2, 9)
+    assert conv(inputs("conv", 4), 1).shape == (4, 4, 5, 4)
+    assert conv(inputs("conv", 4, 2), torch.tensor([0, 1])).shape == (4, 2, 4, 5, 4)
+    assert lin.output_num() == (9, ()) and conv.output_num() == (4, ())
+
+
+def test_batchnorm_in_training_mode(backend):
+    layer = make("linear", bn=True)
+    layer.train()
+    x, task, _ = call(layer, "linear", "ids_per_task")
+    out = layer(x, task)
+    ref = naive_layer(layer, x, task)                # BN in train mode normalises with batch stats
+    assert (out - ref).abs().max().item() < 1e-10
+
+
+def test_per_row_equals_per_task_calls(backend):
+    layer = make("linear", bn=False).eval()
+    x = inputs("linear", 12)
+    ids = torch.tensor([0, 3, 3, 1, 4, 0, 2, 2, 1, 0, 4, 3])
+    rows = layer(x, ids, per_row=True)
+    for i in range(12):
+        assert torch.allclose(rows[i], layer(x[i:i + 1], int(ids[i]))[0], atol=1e-12, rtol=0)
+
+
+def test_dropout_follows_training_flag(backend):
+    layer = make("linear", bn=False, dropout=True)
+    x = inputs("linear", 64)
+    ref = naive_layer(layer, x, 2)
+    layer.eval()
+    assert (layer(x, 2) - ref).abs().max().item() < 1e-10           # the original dropped in eval too
+    layer.train()
+    out = layer(x, 2)
+    kept = out != 0
+    assert 0.3 < kept.double().mean().item() < 0.7
+    assert torch.allclose(out[kept], 2 * ref[kept], atol=1e-12, rtol=0)
+
+
+def test_normalize_rescales_alpha_rows(backend):
+    layer = make("linear", bn=False, normalize=True).eval()
+    x = inputs("linear", 8)
+    out = layer(x, 1)
+    norms = layer.alpha.norm(dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-12)
+    assert (out - naive_layer(layer, x, 1)).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("mode", ["int", "ids_shared", "per_row"])
+def test_gradcheck(backend, kind, mode):
+    layer = make(kind, bn=False, tasks=3, basis=4)
+    x, task, per_row = call(layer, kind, mode, B=3)
+    if kind == "conv":                                   # a small conv keeps gradcheck quick
+        torch.manual_seed(3)
+        layer = TAL_Conv2d(2, 2, 2, 4, 3, bn=False).double()
+        with torch.no_grad():
+            layer.alpha.normal_()
+        x = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    if mode == "int":
+        task = 2
+    if mode == "ids_shared":
+        task = torch.tensor([2, 0])
+    if mode == "per_row":
+        task = torch.tensor([2, 0, 2])
+    x.requires_grad_(True)
+    params = (layer.weight, layer.alpha, layer.basis)
+
+    def f(x, w, alpha, basis):
+        return torch.func.functional_call(layer, {"weight": w, "alpha": alpha, "basis": basis,
+                                                  "bias": layer.bias}, (x, task), {"per_row": per_row})
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)
+
+
+def test_backends_agree_in_float32():
+    torch.manual_seed(0)
+    a = torch.randn(37, 101)
+    alpha, basis = torch.randn(4, 9, requires_grad=True), (torch.rand(1, 9) - .5).requires_grad_()
+    rt = torch.randint(0, 4, (37,))
+    g = torch.randn(37, 101)
+    res = {}
+    for be in BACKENDS:
+        os.environ["TAAN_TAL_BACKEND"] = be
+        aa = a.clone().requires_grad_()
+        out = _tal_kernel.tal_activation(aa, alpha, basis, rt)
+        res[be] = (out,) + torch.autograd.grad(out, (aa, alpha, basis), g)
+    os.environ.pop("TAAN_TAL_BACKEND")
+    assert torch.equal(res["torch"][0], res["cpp"][0])      # same formula, same rounding
+    for u, v in zip(res["torch"][1:], res["cpp"][1:]):
+        assert torch.allclose(u, v, rtol=1e-6, atol=1e-6)
+
+
+def test_activation_saves_memory_linear_in_elements(backend):
+    """No [elements, basis] tensor: what autograd keeps is O(elements), independent of M."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+    a = torch.randn(64, 128, requires_grad=True)
+    rt = torch.zeros(64, dtype=torch.long)
+    for M in (8, 256):
+        saved.clear()
+        alpha, basis = torch.randn(3, M, requires_grad=True), torch.rand(1, M, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = _tal_kernel.tal_activation(a, alpha, basis, rt)
+        out.sum().backward()
+        per_elem = 4 + (1 if M <= _tal_kernel.KEEP_BUCKETS_MAX_BASIS else 0)   # a, and uint8 buckets
+        assert sum(saved) <= a.numel() * per_elem + 8 * (3 * (M + 1) + 2 * M + 64 + 3 * M)
+
+
+def test_large_basis_finds_buckets_again_in_backward(backend):
+    """Above 255 basis functions the bucket ids are not kept; the backward recomputes them."""
+    torch.manual_seed(4)
+    M = 300
+    a = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(3, M, dtype=torch.float64, requires_grad=True)
+    basis = (4 * torch.rand(1, M, dtype=torch.float64) - 2).requires_grad_()
+    rt = torch.tensor([0, 2, 1, 1, 0, 2])
+    out = _tal_kernel.tal_activation(a, alpha, basis, rt)
+    ref = _tal_kernel.tal_activation_naive(a, alpha[rt][:, None, :], basis)
+    assert (out - ref).abs().max().item() < 1e-10
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (a, alpha, basis), g)
+    want = torch.autograd.grad(ref, (a, alpha, basis), g)
+    for u, v in zip(got, want):
+        assert (u - v).abs().max().item() < 1e-9
+
+
+# ------------------------------------------------------------------------ regularisers
+def mc_functions(alpha, basis, z):
+    """f_t(z) for all tasks, [n, T], straight from the definition."""
+    return tal_act(z[:, None], alpha[None, :, :], basis.reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def mc():
+    g = torch.Generator().manual_seed(123)
+    z = torch.randn(10 ** 6, generator=g, dtype=torch.float64)
+    alpha = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    basis = (2 * torch.rand(1, 6, generator=g, dtype=torch.float64) - 1)
+    basis[0, 0] = -0.3                          # both signs present
+    basis[0, 1] = 0.4
+    return z, alpha, basis, mc_functions(alpha, basis, z)
+
+
+def within_4se(closed, samples):
+    est = samples.mean(0)
+    se = samples.std(0) / math.sqrt(samples.shape[0])
+    return ((closed - est).abs() <= 4 * se + 1e-12).all().item()
+
+
+def test_gram_and_u_match_monte_carlo(mc):
+    z, _, basis, _ = mc
+    b = basis.reshape(-1)
+    r = torch.relu(b[None, :] - z[:, None])                       # [n, M]
+    G = tal.basis_gram(basis, tal.C0_EXACT)
+    assert within_4se(G, r[:, :, None] * r[:, None, :])
+    u = tal.basis_relu_moment(basis, tal.C0_EXACT)
+    assert within_4se(u, torch.relu(z)[:, None] * r)
+    # the original's variant carries an extra factor relu(b): it does not match E[relu(z) relu(b - z)]
+    u_orig = tal.basis_relu_moment(basis, tal.C0_EXACT, original=True)
+    assert not torch.allclose(u, u_orig)
+
+
+def test_distance_matrix_matches_monte_carlo(mc):
+    z, alpha, basis, f = mc
+    D = tal.task_distance_matrix(alpha, basis, c0=tal.C0_EXACT)
+    samples = (f[:, :, None] - f[:, None, :]) ** 2
+    assert within_4se(D.reshape(-1), samples.reshape(len(z), -1))
+    assert torch.allclose(torch.diagonal(D), torch.zeros(4, dtype=D.dtype))
+
+
+def test_inner_products_and_cosine_match_monte_carlo(mc):
+    z, alpha, basis, f = mc
+    K = tal.task_inner_product_matrix(alpha, basis, c0=tal.C0_EXACT)
+    assert within_4se(K.reshape(-1), (f[:, :, None] * f[:, None, :]).reshape(len(z), -1))
+    C = tal.task_cosine_matrix(alpha, basis, c0=tal.C0_EXACT)
+    fn = f / f.pow(2).mean(0).sqrt()
+    C_mc = (fn[:, :, None] * fn[:, None, :]).mean(0)
+    assert (C - C_mc).abs().max().item() < 5e-3
+    assert torch.allclose(torch.diagonal(C), torch.ones(4, dtype=C.dtype))
+
+
+def original_formulas(alpha, basis):
+    """The original code's LossDis / LossCosine transcribed from SPEC 2 with c0 = 0.4."""
+    Phi = lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # noqa: E731
+    M = basis.shape[1]
+    B, Bt = basis.repeat(M, 1), basis.t().repeat(1, M)
+    lo, hi = torch.min(B, Bt), torch.max(B, Bt)
+    W = (1 + B * Bt) * Phi(lo) + 0.4 * hi * torch.exp(-0.5 * lo ** 2)
+    diff = alpha[None] - alpha[:, None]
+    dis = (torch.tensordot(diff, W, dims=([-1], [0])) * diff).sum(-1)
+    U = ((0.4 * basis + 0.5 - Phi(basis)) * torch.relu(basis)).squeeze()
+    plus = alpha[None] + alpha[:, None]
+    K = plus @ U + alpha @ W @ alpha.t() + 0.5
+    d = torch.sqrt(torch.diagonal(K))[None]
+    cos = K / d / d.t()
+    return dis.mean(), dis, -cos.mean(), cos
+
+
+def test_c0_04_variant_equals_original_formulas(mc):
+    _, alpha, basis, _ = mc
+    dis_m, dis, cos_m, cos = original_formulas(alpha, basis)
+    m, D = tal.LossDis(alpha, basis)                         # default c0 = 0.4
+    assert torch.allclose(D, dis, atol=1e-14) and torch.allclose(m, dis_m, atol=1e-14)
+    m, C = tal.LossCosine(alpha, basis, original=True)
+    assert torch.allclose(C, cos, atol=1e-14) and torch.allclose(m, cos_m, atol=1e-14)
+
+
+def test_trace_norms():
+    alpha = torch.randn(5, 7, dtype=torch.float64)
+    assert math.isclose(tal.LossNuclearNorm(alpha).item(), np.linalg.svd(alpha.numpy())[1].sum(), rel_tol=1e-12)
+    assert math.isclose(tal.LossTraceNorm(alpha).item(), np.linalg.norm(alpha.numpy(), axis=1).sum(),
+                        rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("name", tal.REGULARIZERS)
+def test_regularization_scales_and_backpropagates(name):
+    layer = TAL_Linear(4, 3, 6, 5, regularize=name.upper()).double()
+    r1, r2 = layer.regularization(1.0), layer.regularization(0.25)
+    assert torch.allclose(r2, 0.25 * r1)
+    expected = {"tracenorm": tal.LossNuclearNorm(layer.alpha),
+                "tracenorm_original": tal.LossTraceNorm(layer.alpha),
+                "distance": tal.LossDis(layer.alpha, layer.basis)[0],
+                "cosine": tal.LossCosine(layer.alpha, layer.basis)[0],
+                "cosine_original": tal.LossCosine(layer.alpha, layer.basis, original=True)[0]}[name]
+    assert torch.allclose(r1, expected)
+    r1.backward()
+    assert layer.alpha.grad.abs().sum() > 0
+    assert TAL_Linear(4, 3, 6, 5).regularization(1.0) == 0.
+
+
+def test_distance_gradient_reaches_basis():
+    layer = TAL_Linear(4, 3, 6, 5, regularize="distance").double()
+    assert torch.autograd.gradcheck(lambda a, b: tal.LossDis(a, b)[0], (layer.alpha, layer.basis))
+    layer.regularization(1.0).backward()
+    assert layer.basis.grad.abs().sum() > 0
+
+
+def test_layer_matrix_helpers():
+    layer = TAL_Linear(4, 3, 6, 5, c0=tal.C0_EXACT)
+    assert torch.allclose(layer.task_distance(), tal.task_distance_matrix(layer.alpha, layer.basis, tal.C0_EXACT))
+    assert layer.task_cosine().shape == (5, 5)
+
+
+# ------------------------------------------------------------------------ state and errors
+def test_state_dict_keeps_original_names_and_moves_with_to():
+    layer = TAL_Conv2d(2, 3, 3, 4, 6)
+    assert {"weight", "bias", "alpha", "basis", "bn.weight", "bn.running_mean"} <= set(layer.state_dict())
+    assert layer.alpha.shape == (6, 4) and layer.basis.shape == (1, 4)
+    assert -0.5 <= layer.basis.min() and layer.basis.max() <= 0.5
+    layer = layer.to(torch.float64)
+    assert layer.alpha.dtype == torch.float64 and layer.bn.running_mean.dtype == torch.float64
+
+
+def test_bad_inputs_raise_clear_errors():
+    layer = TAL_Linear(6, 9, 7, 5)
+    x = torch.randn(4, 6)
+    with pytest.raises(IndexError, match="out of range"):
+        layer(x, 5)
+    with pytest.raises(IndexError, match="out of range"):
+        layer(x, torch.tensor([0, -1]))
+    with pytest.raises(TypeError, match="task"):
+        layer(x, None)
+    with pytest.raises(TypeError, match="task"):
+        layer(x, 1.0)
+    with pytest.raises(TypeError, match="integers"):
+        layer(x, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="expected 6 input features"):
+        layer(torch.randn(4, 5), 0)
+    with pytest.raises(ValueError, match="int task"):
+        layer(torch.randn(4, 2, 6), 0)
+    with pytest.raises(ValueError, match="must match"):
+        layer(torch.randn(4, 3, 6), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="per_row"):
+        layer(x, torch.tensor([0, 1]), per_row=True)
+    with pytest.raises(ValueError, match="unknown regularize"):
+        TAL_Linear(6, 9, 7, 5, regularize="l1")
+    with pytest.raises(ValueError, match="dims"):
+        TAL_Conv2d(3, 4, 3, 7, 5)(torch.randn(4, 3, 8), 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    layer = make("conv", bn=True).float().eval()
+    x, task, per_row = call(layer, "conv", "per_row")
+    x = x.float()
+    out_cpu = layer(x, task, per_row=per_row)
+    layer_gpu = layer.to("cuda")
+    out_gpu = layer_gpu(x.to("cuda"), task.to("cuda"), per_row=per_row)
+    assert torch.allclose(out_cpu, out_gpu.cpu(), atol=1e-4)
