@@ -1,0 +1,130 @@
+"""Checkpoints with Ignite's `Checkpoint` + `DiskSaver` (atomic writes), and resuming.
+
+Two files per run, both under fixed names so that a new save replaces the old one in a
+single `os.replace` (a crash never leaves a half-written file or no file at all):
+
+- the best model: the model's state_dict alone, replaced whenever the validation score
+  improves (`best_model_checkpoint`, attach to the evaluator's COMPLETED event);
+- the training state: model, optimizer, trainer engine (epoch/iteration), RNG states and
+  any other handler with a state_dict (early stopping, the best-model checkpoint),
+  replaced after every epoch or every N iterations (`training_state_checkpoint`).
+
+`load_checkpoint` restores objects from a file and turns a damaged or foreign file into a
+clear error that names the file.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+from ignite.handlers import Checkpoint, DiskSaver
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (truncated, corrupt or of another kind)."""
+
+
+class ReplacingDiskSaver(DiskSaver):
+    """DiskSaver for fixed file names: the next save replaces the file atomically, so the
+    old file is never deleted first (Ignite deletes it before saving the new one)."""
+
+    def __init__(self, dirname):
+        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
+
+    def remove(self, filename):
+        pass
+
+
+class RNGState:
+    """The random number generators (Python, NumPy, torch CPU and CUDA) as a state_dict,
+    so that a resumed run draws the same random numbers (dropout, shuffles) as an
+    uninterrupted one."""
+
+    def state_dict(self):
+        np_state = np.random.get_state()
+        state = {'python': random.getstate(),
+                 'numpy_keys': torch.from_numpy(np_state[1].astype(np.int64)),
+                 'numpy_rest': [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                 'torch': torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state['cuda'] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state['python']
+        random.setstate((version, tuple(internal), gauss))
+        pos, has_gauss, cached = state['numpy_rest']
+        np.random.set_state(('MT19937', state['numpy_keys'].numpy().astype(np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state['torch'])
+        if 'cuda' in state and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def best_model_checkpoint(dirname, model, filename, score_function, score_name='score'):
+    """Keep the model with the highest `score_function(engine)` as `dirname/filename`
+    (a plain state_dict of the model). Saved by rank 0 only."""
+    return Checkpoint({'model': model}, ReplacingDiskSaver(dirname), score_function=score_function,
+                      score_name=score_name, n_saved=1, filename_pattern=filename)
+
+
+def training_state_checkpoint(dirname, objects, filename):
+    """Save `objects` (name -> object with state_dict) as `dirname/filename` each time the
+    handler is called. Saved by rank 0 only."""
+    return Checkpoint(objects, ReplacingDiskSaver(dirname), n_saved=1, filename_pattern=filename)
+
+
+def make_checkpoints(dirname, model, objects, best_filename, state_filename, score_function):
+    """Both handlers of a run: (best model, full training state). The best-model handler
+    is added to `objects` so that a resumed run keeps comparing against the best score."""
+    best = best_model_checkpoint(dirname, model, best_filename, score_function)
+    state = training_state_checkpoint(dirname, dict(objects, best_checkpoint=best), state_filename)
+    return best, state
+
+
+def read_checkpoint(path):
+    """torch.load a checkpoint file (weights only) with clear errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        lines = str(e).strip().splitlines() or ['']
+        detail = lines[0][:160]
+        if 'Weights only load failed' in detail:
+            detail = 'it holds objects that this project never saves'
+        raise CheckpointError(f'checkpoint {path} is truncated or corrupt ({type(e).__name__}: {detail}). '
+                              'Delete it, or pass another checkpoint file.') from None
+
+
+def load_checkpoint(path, objects):
+    """Restore every object in `objects` (name -> object with load_state_dict) from `path`."""
+    state = read_checkpoint(path)
+    if len(objects) > 1:
+        missing = [name for name in objects if not isinstance(state, dict) or name not in state]
+        if missing:
+            raise CheckpointError(f'checkpoint {os.fspath(path)} lacks {", ".join(missing)}: it is not a training '
+                                  'state saved by this program. Delete it, or pass another checkpoint file.')
+    try:
+        Checkpoint.load_objects(objects, state)
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {os.fspath(path)} does not fit this run ({type(e).__name__}: {e}). '
+                              'Delete it, or pass the checkpoint of a run with the same settings.') from None
+    return state
+
+
+def resolve_resume(resume, default_path):
+    """--resume value -> the file to resume from, or None to start afresh.
+
+    'auto': `default_path` if it exists (None otherwise); any other value is a file that
+    must exist. An empty value or None means no resume."""
+    if not resume:
+        return None
+    if resume == 'auto':
+        if default_path is None:
+            raise ValueError('--resume auto needs an output folder (--saveto DIR) to look for the training state')
+        return default_path if os.path.isfile(default_path) else None
+    if not os.path.isfile(resume):
+        raise FileNotFoundError(f'--resume {resume}: no such checkpoint file (use --resume auto to resume '
+                                'from the output folder when a training state is there)')
+    return resume
