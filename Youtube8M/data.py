@@ -269,6 +269,19 @@ def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):
     return info
 
 
+def read_task_names(data_dir, num_tasks):
+    """The task names stored in data_dir/tasks.json, or None when there are none for
+    `num_tasks` tasks (no file, or another number of tasks)."""
+    path = os.path.join(data_dir, "tasks.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = json.load(f).get("tasks")
+    if isinstance(names, list) and len(names) == num_tasks:
+        return [str(n) for n in names]
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocabulary", required=True, help="path of vocabulary.csv")

@@ -1,0 +1,165 @@
+"""Task relations learned by a trained TAAN: heat maps and spectral clusters of the tasks.
+
+    python Youtube8M/Visualizer.py --checkpoint results/TAAN/TAAN.pth --clusters 3
+
+For every TAL layer of the model, with f_t the activation function of task t:
+
+    distance  D[i, j] = E_z[(f_i(z) - f_j(z))^2],           z ~ N(0, 1)
+    cosine    C[i, j] = E_z[f_i f_j] / sqrt(E_z[f_i^2] E_z[f_j^2])
+
+are drawn as T x T heat maps labelled with the task names (from tasks.json in the data
+folder when present, else the 16 Youtube-8M categories), written as PNG and PDF. The tasks
+are then grouped by spectral clustering on the affinity A = exp(-D / median(D)) (median of
+the off-diagonal entries), one clustering per layer, printed and written to a text file.
+
+Files in --out (default: the checkpoint's folder):
+  {model}-task_distance.png/.pdf, {model}-task_cosine.png/.pdf, {model}-task_clusters.txt
+
+The checkpoint is the best-model file written by Trainer.py ({saveto}/TAAN.pth); the
+settings to rebuild the model are read from {saveto}/TAAN-config.json next to it.
+"""
+if __name__ == '__main__' and not __package__:
+    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse
+import json
+import os
+
+import matplotlib
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.cluster import SpectralClustering  # noqa: E402
+
+from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix  # noqa: E402
+from Training import atomic_savefig, atomic_write_text, load_checkpoint  # noqa: E402
+from Youtube8M.data import read_task_names  # noqa: E402
+from Youtube8M.models import build_model  # noqa: E402
+
+CATEGORIES = ['Arts & Entertainment', 'Games', 'Autos & Vehicles', 'Sports', 'Food & Drink',
+              'Computers & Electronics', 'Business & Industrial', 'Pets & Animals', 'Hobbies & Leisure',
+              'Beauty & Fitness', 'Shopping', 'Internet & Telecom', 'Home & Garden', 'Science', 'Travel',
+              'Law & Government']
+
+
+def load_taan(checkpoint):
+    """(model, config) from a best-model file of Trainer.py and its {model}-config.json."""
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist (Trainer.py --model TAAN --saveto DIR '
+                                'writes DIR/TAAN.pth)')
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f'{stem}-config.json')
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f'{config_path} not found: it is written by Youtube8M/Trainer.py next to the best '
+                                'model and holds the settings needed to rebuild it')
+    with open(config_path) as f:
+        config = json.load(f)
+    if config.get('model') != 'TAAN':
+        raise ValueError(f'{checkpoint} is a {config.get("model")} model: the visualiser needs a TAAN checkpoint')
+    model = build_model('TAAN', config['in_features'], config['hidden_feature'], config['num_classes'],
+                        basis=config['basis'], regularize=config['regularize'])
+    load_checkpoint(checkpoint, {'model': model})
+    return model.eval(), config
+
+
+def task_labels(num_tasks, data_path=None, config=None):
+    """Task names: tasks.json of the data folder, else the config, else the 16 categories."""
+    names = read_task_names(data_path, num_tasks) if data_path else None
+    if names:
+        return names
+    names = (config or {}).get('tasks')
+    if isinstance(names, list) and len(names) == num_tasks and not str(names[0]).startswith('task '):
+        return names
+    return CATEGORIES if num_tasks == len(CATEGORIES) else [f'task {t}' for t in range(num_tasks)]
+
+
+def layer_matrices(model):
+    """[(distance [T, T], cosine [T, T]) per TAL layer] as NumPy arrays."""
+    out = []
+    for layer in model.reg_layers():
+        out.append((task_distance_matrix(layer).detach().cpu().numpy(),
+                    task_cosine_matrix(layer).detach().cpu().numpy()))
+    return out
+
+
+def spectral_groups(distance, k, seed=0):
+    """Cluster the tasks in k groups from a distance matrix: A = exp(-D / median(D)) on
+    the off-diagonal entries, then sklearn's SpectralClustering on the affinity A.
+    Returns the cluster label of every task."""
+    D = np.maximum(np.asarray(distance, dtype=np.float64), 0.0)
+    D = 0.5 * (D + D.T)
+    off = D[~np.eye(len(D), dtype=bool)]
+    scale = np.median(off) if off.size and np.median(off) > 0 else 1.0
+    affinity = np.exp(-D / scale)
+    sc = SpectralClustering(n_clusters=k, affinity='precomputed', assign_labels='discretize', random_state=seed)
+    return sc.fit_predict(affinity)
+
+
+def heatmaps(matrices, names, title):
+    """One figure: a labelled T x T heat map per layer."""
+    L, T = len(matrices), len(names)
+    size = max(4.0, 0.35 * T + 2.5)
+    fig, axes = plt.subplots(1, L, figsize=(size * L, size), squeeze=False)
+    for l, (ax, m) in enumerate(zip(axes[0], matrices)):
+        im = ax.imshow(m, cmap='viridis')
+        ax.set_xticks(range(T))
+        ax.set_yticks(range(T))
+        ax.set_xticklabels(names, rotation=90, fontsize=7)
+        ax.set_yticklabels([f'{t + 1}. {n}' for t, n in enumerate(names)], fontsize=7)
+        ax.set_title(f'Layer {l + 1}')
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
+    """Write the heat maps and the clusters of a TAAN checkpoint; returns
+    {'files': [...], 'groups': [per layer: list of groups of task names]}."""
+    model, config = load_taan(checkpoint)
+    matrices = layer_matrices(model)
+    T = matrices[0][0].shape[0]
+    if not 1 <= clusters <= T:
+        raise ValueError(f'--clusters must be between 1 and the number of tasks ({T}), got {clusters}')
+    names = task_labels(T, data_path or config.get('data_path'), config)
+    out = out or os.path.dirname(os.path.abspath(checkpoint))
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    files = []
+    for kind, index, title in (('distance', 0, 'Task distance E[(f_i - f_j)^2]'),
+                               ('cosine', 1, 'Task cosine similarity')):
+        fig = heatmaps([m[index] for m in matrices], names, title)
+        for ext in ('png', 'pdf'):
+            path = os.path.join(out, f'{stem}-task_{kind}.{ext}')
+            atomic_savefig(fig, path, dpi=150)
+            files.append(path)
+        plt.close(fig)
+
+    groups, lines = [], []
+    for l, (D, _) in enumerate(matrices):
+        labels = spectral_groups(D, clusters, seed) if clusters > 1 else np.zeros(T, dtype=int)
+        layer_groups = [[names[t] for t in range(T) if labels[t] == g] for g in sorted(set(labels.tolist()))]
+        groups.append(layer_groups)
+        lines.append(f'Layer {l + 1}:')
+        lines += [f'  group {g + 1}: ' + ', '.join(members) for g, members in enumerate(layer_groups)]
+    path = os.path.join(out, f'{stem}-task_clusters.txt')
+    atomic_write_text(path, '\n'.join(lines) + '\n')
+    files.append(path)
+    print('\n'.join(lines))
+    return {'files': files, 'groups': groups}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Heat maps and spectral clusters of the tasks of a trained TAAN.')
+    p.add_argument('--checkpoint', required=True, help='best-model file written by Trainer.py (DIR/TAAN.pth)')
+    p.add_argument('--data_path', default=None, help='data folder with tasks.json for the task names '
+                   '(default: the one used for training)')
+    p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
+    p.add_argument('--clusters', default=3, type=int, help='number of task groups per layer (default 3)')
+    args = p.parse_args(argv)
+    result = visualize(args.checkpoint, args.data_path, args.out, args.clusters)
+    print('Figures written:\n  ' + '\n  '.join(result['files']))
+    return result
+
+
+if __name__ == '__main__':
+    main()

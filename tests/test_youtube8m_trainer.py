@@ -1,0 +1,198 @@
+"""Youtube8M/Trainer.py and Visualizer.py on tiny synthetic data (CPU)."""
+import os
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+
+from Training import CheckpointError, load_checkpoint, map_at_k
+from Youtube8M import Trainer, Visualizer
+from Youtube8M.models import build_model
+from Youtube8M.synthetic import ensure_builtin_data
+from Youtube8M.torch_loader import MultiTask_Dataloader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--hidden_feature', '8', '--batch_size', '16', '--basis', '4', '--device', 'cpu', '--lr', '0.01']
+
+
+@pytest.fixture(scope='module', autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and avoids oversubscribing shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('yt8m'))
+    ensure_builtin_data(path, seed=0, num_train=800, num_valid=400, train_files=2, valid_files=2)
+    return path
+
+
+@pytest.fixture(scope='module')
+def taan_run(data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('taan'))
+    result = Trainer.main(['--model', 'TAAN', '--regularize', 'distance', '--max_epoch', '2', '--saveto', out,
+                           '--data_path', data] + TINY)
+    return out, result
+
+
+def evaluate_saved(path, data, name, hidden=8, **kw):
+    """mAP@10 of a saved best model on the whole test split, computed directly."""
+    loaders, num_classes = MultiTask_Dataloader('test', 64, shuffle=False, data_path=data)
+    model = build_model(name, 1152, hidden, [int(c) for c in num_classes], **kw)
+    load_checkpoint(path, {'model': model})
+    model.eval()
+    per_task = []
+    with torch.no_grad():
+        for t, loader in enumerate(loaders):
+            batches = list(loader)
+            x = torch.cat([b[0] for b in batches])
+            y = torch.cat([b[1] for b in batches])
+            xs = [x if s == t else torch.zeros(0, 1152) for s in range(len(loaders))]
+            per_task.append(map_at_k(torch.sigmoid(model(xs)[t]), y, 10))
+    return per_task
+
+
+def read_results(folder, name):
+    task = np.loadtxt(os.path.join(folder, f'{name}-task_mAP%K.txt'))
+    mean = float(np.loadtxt(os.path.join(folder, f'{name}-average_mAP%K.txt')))
+    return task, mean
+
+
+
+def test_trainer_end_to_end(taan_run, data):
+    out, result = taan_run
+    assert sorted(os.listdir(out)) == ['TAAN-average_mAP%K.txt', 'TAAN-config.json', 'TAAN-task_mAP%K.txt',
+                                       'TAAN-training_state.pt', 'TAAN.pth']
+    task, mean = read_results(out, 'TAAN')
+    assert task.shape == (16,) and np.all((task > 0) & (task <= 1))
+    assert mean == pytest.approx(task.mean())
+    assert result['mAP'] == pytest.approx(mean)
+    # the written numbers are those of the saved best model on the whole test split
+    expected = evaluate_saved(os.path.join(out, 'TAAN.pth'), data, 'TAAN', basis=4, regularize='distance')
+    assert task == pytest.approx(expected, rel=1e-9)
+
+
+def test_resume_reproduces_uninterrupted_run(data, tmp_path):
+    args = ['--model', 'TAAN', '--regularize', 'distance', '--max_epoch', '3', '--early_stop', '5',
+            '--data_path', data] + TINY
+    full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+    Trainer.main(args + ['--saveto', full])
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(trainer):
+        @trainer.on(Events.EPOCH_COMPLETED(once=1))
+        def kill(engine):
+            raise Killed()
+
+    with pytest.raises(Killed):
+        Trainer.main(args + ['--saveto', part], setup_hook=kill_after_first_epoch)
+    saved = torch.load(os.path.join(part, 'TAAN-training_state.pt'))['trainer']
+    assert saved['iteration'] == saved['epoch_length']        # saved after epoch 1
+    resumed = Trainer.main(args + ['--saveto', part, '--resume', 'auto'])
+    assert resumed['epochs'] == 3
+    a = torch.load(os.path.join(full, 'TAAN-training_state.pt'))
+    b = torch.load(os.path.join(part, 'TAAN-training_state.pt'))
+    assert a['model'].keys() == b['model'].keys()
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+    assert read_results(full, 'TAAN')[1] == read_results(part, 'TAAN')[1]
+
+
+def test_corrupt_training_state_is_reported(data, tmp_path):
+    state = tmp_path / 'TAAN-training_state.pt'
+    state.write_bytes(b'\x00' * 100)
+    with pytest.raises(CheckpointError, match=r'TAAN-training_state\.pt is truncated or corrupt.*Delete it'):
+        Trainer.main(['--model', 'TAAN', '--max_epoch', '1', '--saveto', str(tmp_path), '--resume', 'auto',
+                      '--data_path', data] + TINY)
+
+
+def test_two_process_run(data, tmp_path):
+    """torchrun with 2 CPU processes (gloo), started the original way (cd Youtube8M)."""
+    out = str(tmp_path / 'dist')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', 'Trainer.py',
+           '--model', 'Hard3', '--max_epoch', '1', '--saveto', out, '--data_path', data] + TINY
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run(cmd, cwd=os.path.join(ROOT, 'Youtube8M'), env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '2 processes (gloo)' in proc.stdout
+    task, mean = read_results(out, 'Hard3')
+    # metrics all-reduced over the two shards equal a one-process evaluation of the saved model
+    assert task == pytest.approx(evaluate_saved(os.path.join(out, 'Hard3.pth'), data, 'Hard3'), rel=1e-9)
+    assert mean == pytest.approx(task.mean())
+
+
+README_COMMANDS = r"""
+--batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model STL --saveto results/STL
+--batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model MRN --regularization_task True --regularization_feature False --regularization_input False\
+--mrn_constant 1e-3 --saveto results/MRN
+--batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model DMTRL --method TT --saveto results/DMTRL_TT
+"""
+
+
+def test_original_readme_command_lines_parse():
+    # the shell joins lines ending in a backslash (MRN's 'False\' glues to the next line)
+    stl, mrn, dmtrl = README_COMMANDS.replace('\\\n', '').strip().split('\n')
+    a = Trainer.parse_args(shlex.split(stl))
+    assert (a.batch_size, a.max_epoch, a.hidden_feature, a.lr, a.model, a.saveto) == \
+        (256, 10, 1024, 1e-4, 'STL', 'results/STL')
+    a = Trainer.parse_args(shlex.split(mrn))
+    assert (a.model, a.regularization_task, a.regularization_feature, a.regularization_input, a.mrn_constant) == \
+        ('MRN', True, False, False, 1e-3)
+    a = Trainer.parse_args(shlex.split(dmtrl))
+    assert (a.model, a.method, a.saveto) == ('DMTRL', 'TT', 'results/DMTRL_TT')
+    a = Trainer.parse_args(['--model', 'MRN', '--regularization_task', '--regularization_input', '0'])
+    assert (a.regularization_task, a.regularization_feature, a.regularization_input) == (True, False, False)
+    a = Trainer.parse_args([])
+    assert (a.model, a.regularize, a.basis, a.taan_constant, a.update_interval, a.early_stop, a.method) == \
+        ('STL', None, 24, 1.0, 50, 3, 'Tucker')
+    for bad in (['--model', 'ResNet'], ['--regularize', 'l2'], ['--method', 'CP'], ['--regularization_task', 'x']):
+        with pytest.raises(SystemExit):
+            Trainer.parse_args(bad)
+
+
+def test_visualizer(taan_run, tmp_path):
+    out, _ = taan_run
+    result = Visualizer.main(['--checkpoint', os.path.join(out, 'TAAN.pth'), '--out', str(tmp_path),
+                              '--clusters', '4'])
+    names = sorted(os.listdir(tmp_path))
+    assert names == ['TAAN-task_clusters.txt', 'TAAN-task_cosine.pdf', 'TAAN-task_cosine.png',
+                     'TAAN-task_distance.pdf', 'TAAN-task_distance.png']
+    assert (tmp_path / 'TAAN-task_distance.png').read_bytes()[:4] == b'\x89PNG'
+    assert (tmp_path / 'TAAN-task_distance.pdf').read_bytes()[:4] == b'%PDF'
+    assert len(result['groups']) == 3
+    for groups in result['groups']:       # every layer: a partition of the 16 tasks
+        assert sorted(sum(groups, [])) == sorted(Visualizer.task_labels(16))
+
+
+def test_spectral_groups_recover_blocks():
+    blocks = np.repeat(np.arange(4), 4)
+    rng = np.random.default_rng(0)
+    D = np.where(blocks[:, None] == blocks[None, :], 0.1, 2.0) + 0.05 * rng.random((16, 16))
+    D = D + D.T
+    np.fill_diagonal(D, 0)
+    labels = Visualizer.spectral_groups(D, 4)
+    assert len(set(labels)) == 4
+    for g in range(4):
+        assert len(set(labels[blocks == g])) == 1
+
+
+def test_visualizer_needs_taan(taan_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        Visualizer.visualize(str(tmp_path / 'TAAN.pth'))
+    (tmp_path / 'TAAN.pth').write_bytes(b'x')
+    with pytest.raises(FileNotFoundError, match='TAAN-config.json'):
+        Visualizer.visualize(str(tmp_path / 'TAAN.pth'))
