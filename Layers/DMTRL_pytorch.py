@@ -137,14 +137,17 @@ class _DMTRLBase(nn.Module):
             return self.U_0[0]
         return None
 
+    def core_slices(self, ids):
+        """Tucker: G_t = S x_3 U_2[t] as [k, r1, r2], so that W[:, :, t] = U_0 G_t U_1^T."""
+        return torch.tensordot(self.U_2[ids], self.S, dims=([1], [2]))
+
     def right_factors(self, ids):
         """M [k, r, n_out] for the k task ids, contracting the task factor first."""
         if self.method == 'Tucker':
-            G = torch.tensordot(self.U_2[ids], self.S, dims=([1], [2]))     # [k, r1, r2]
-            return G @ self.U_1.T
+            return self.core_slices(ids) @ self.U_1.T
         if self.method == 'TT':
             return torch.einsum('aob,bk->kao', self.U_1, self.U_2[:, ids, 0])
-        return (self.U @ self.V[:, ids]).T.reshape(len(ids), self.n_in, self.n_out)
+        return (self.V[:, ids].T @ self.U.T).view(len(ids), self.n_in, self.n_out)
 
     def task_weight(self, ids):
         """W[:, :, ids] as [k, n_in, n_out]."""
@@ -177,7 +180,8 @@ class DMTRL_Linear(_DMTRLBase):
 
     forward(x, task, per_row=False): task an int (x [B, in] -> [B, out]), a LongTensor of
     k ids (x [B, in] shared or [B, k, in] -> [B, k, out]), or with per_row=True one id per
-    row (x [B, in] -> [B, out]). Computed as (x @ A) @ M_t + b_t without building W.
+    row (x [B, in] -> [B, out]). Computed as (x @ A) @ M_t + b_t without building W
+    (Tucker: ((x @ U_0) @ G_t) @ U_1^T + b_t, the shared U_1 applied once to all rows).
     """
 
     def __init__(self, in_feature, out_feature, tasks, method='Tucker'):
@@ -190,7 +194,13 @@ class DMTRL_Linear(_DMTRLBase):
         check_width(x, self.in_feature, x.dim() - 1, 'DMTRL_Linear')
         A = self.left_factor()
         h = x if A is None else x @ A
-        return task_linear(h, spec, lambda ids: (self.right_factors(ids), self._bias(ids)))
+        if self.method != 'Tucker':
+            return task_linear(h, spec, lambda ids: (self.right_factors(ids), self._bias(ids)))
+        # Tucker: ((x U_0) G_t) U_1^T + b_t. U_1 is shared by all tasks, so it is applied
+        # to all rows in one product instead of being multiplied into every G_t.
+        y = task_linear(h, spec, lambda ids: (self.core_slices(ids), None)) @ self.U_1.T
+        b = self._bias(spec.ids)
+        return y + (b[0] if spec.kind == 'single' else b)
 
     def extra_repr(self):
         return (f'in_feature={self.in_feature}, out_feature={self.out_feature}, tasks={self.tasks}, '
