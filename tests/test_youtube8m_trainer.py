@@ -19,13 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--hidden_feature', '8', '--batch_size', '16', '--basis', '4', '--device', 'cpu', '--lr', '0.01']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and avoids oversubscribing shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
