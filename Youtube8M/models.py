@@ -75,8 +75,11 @@ def stack_tasks(xs):
 def unstack_tasks(h, xs, present):
     """Inverse of stack_tasks for an output h [k, B_max, out]: one [B_t, out] per task."""
     out = [h.new_zeros(0, h.shape[-1]) for _ in xs]
-    for j, t in enumerate(present):
-        out[t] = h[j, :xs[t].shape[0]]
+    # unbind, not h[j]: the backward of unbind stacks the k gradients once, while each
+    # h[j] would scatter its gradient into a zero tensor of h's full size
+    for t, rows in zip(present, h.unbind(0)):
+        n = xs[t].shape[0]
+        out[t] = rows if n == rows.shape[0] else rows[:n]
     return out
 
 
