@@ -190,3 +190,53 @@ def test_visualizer_needs_taan(taan_run, tmp_path):
     (tmp_path / 'TAAN.pth').write_bytes(b'x')
     with pytest.raises(FileNotFoundError, match='TAAN-config.json'):
         Visualizer.visualize(str(tmp_path / 'TAAN.pth'))
+
+
+def test_mrn_update_runs_every_update_interval(data, monkeypatch):
+    from Youtube8M.models import MRN
+    calls, seen = [], {}
+    monkeypatch.setattr(MRN, 'update', lambda self: calls.append(seen['trainer'].state.iteration))
+
+    def remember(trainer):
+        seen['trainer'] = trainer
+
+    Trainer.main(['--model', 'MRN', '--max_epoch', '1', '--update_interval', '3', '--regularization_task',
+                  '--data_path', data] + TINY, setup_hook=remember)
+    steps = seen['trainer'].state.iteration
+    assert steps >= 6
+    assert calls == list(range(3, steps + 1, 3))
+
+
+def test_test_uses_the_best_weights_without_saveto(data, tmp_path, monkeypatch):
+    """Without --saveto the best weights are kept in memory for the test: spoiling the
+    weights after the last validation must not change the test result of the same run."""
+    args = ['--model', 'Hard3', '--max_epoch', '2', '--data_path', data] + TINY
+
+    saved = Trainer.main(args + ['--saveto', str(tmp_path)])
+    in_memory = {}
+
+    def hook(trainer):
+        @trainer.on(Events.EPOCH_COMPLETED(once=2))
+        def spoil(engine):      # runs after the validation handler of epoch 2
+            with torch.no_grad():
+                for p in in_memory['model'].parameters():
+                    p.normal_()
+
+    def build_and_remember(*a, **kw):
+        in_memory['model'] = build_model(*a, **kw)
+        return in_memory['model']
+
+    monkeypatch.setattr(Trainer, 'build_model', build_and_remember)
+    unsaved = Trainer.main(args, setup_hook=hook)
+    assert unsaved['mAP'] == pytest.approx(saved['mAP'], rel=1e-12)
+    assert unsaved['task_mAP'] == pytest.approx(saved['task_mAP'], rel=1e-12)
+
+
+def test_checkname_loads_weights_before_training(data, tmp_path):
+    first = Trainer.main(['--model', 'Hard3', '--max_epoch', '1', '--saveto', str(tmp_path), '--data_path', data]
+                         + TINY)
+    only_test = Trainer.main(['--model', 'Hard3', '--max_epoch', '0', '--checkname', str(tmp_path),
+                              '--data_path', data] + TINY)
+    assert only_test['mAP'] == pytest.approx(first['mAP'], rel=1e-12)
+    expected = evaluate_saved(os.path.join(str(tmp_path), 'Hard3.pth'), data, 'Hard3')
+    assert only_test['task_mAP'] == pytest.approx(expected, rel=1e-9)
