@@ -100,3 +100,13 @@ def test_task_activation_matches_hand_computed_values():
     # a= 0: 0 + 2*relu(-1) - 3*relu(0.5) = -1.5
     # a= 1: 1 + 0 + 0 = 1
     assert np.allclose(task_activation(a, b, alpha_t), [-5.5, -1.5, 1.0])
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """.ci/run must run the test command README.md gives (the block after 'Run the tests')."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Run the tests:", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    assert block == "python -m pytest -q tests"
+    assert ci_lines[-1] == block
