@@ -41,11 +41,11 @@ def build_parser():
                    'there when no data is present (default %(default)s)')
     p.add_argument('--out', default=os.path.join(ROOT, 'results', 'builtin'),
                    help='results folder, one subfolder per model (default %(default)s)')
-    p.add_argument('--max_epoch', default=6, type=int)
+    p.add_argument('--max_epoch', default=10, type=int)
     p.add_argument('--early_stop', default=3, type=int)
     p.add_argument('--batch_size', default=128, type=int)
     p.add_argument('--hidden_feature', default=128, type=int)
-    p.add_argument('--lr', default=1e-3, type=float)
+    p.add_argument('--lr', default=3e-3, type=float)
     p.add_argument('--basis', default=8, type=int)
     p.add_argument('--regularize', default='distance', choices=['tracenorm', 'cosine', 'distance'])
     p.add_argument('--taan_constant', default=0.1, type=float)

@@ -10,27 +10,29 @@ Generative model (all draws from one seeded numpy generator):
     [3, 12]. The vocabulary also holds a few entries of a vertical outside the 16 tasks
     (never used as labels) and is listed in shuffled order, so the converter's
     renumbering is exercised.
-  * Planted groups (`GROUPS`): tasks {0-3}, {4-7}, {8-11}, {12-15}. Every group g owns a
-    random projection P_g [d, 1152] from a d-dimensional latent code to the features;
-    every task adds its own smaller projection Q_t (weight `task_specific`), and every
-    class c of task t has a latent prototype m_{t,c} [d].
+  * Shared latent factors: every video has a latent code z ~ N(0, I_d) (d = `latent_dim`),
+    and its features are x = z P + `feature_noise` * N(0, I) with ONE random projection
+    P [d, 1152] (entries N(0, 1/d)) shared by all tasks. Every class c of task t has a
+    unit direction m_{t,c} in the latent space; its evidence is s = m_{t,c} . z ~ N(0, 1).
+  * Planted groups (`GROUPS`): tasks {0-3}, {4-7}, {8-11}, {12-15}. Group g links the
+    evidence to the labels through its own function
+        link_g(s) = (1 - e_g) s + e_g |s|,    e_g = `EVENNESS`[g] = 0, 0.45, 0.75, 1,
+    from odd (a class is likely when s is large) to even (a class is likely when |s| is
+    large, whatever its sign). A shared first layer then sees the same pre-activation
+    directions for all tasks, but the best activation of those pre-activations differs by
+    group (close to the identity/ReLU for e = 0, to |a| for e = 1): the groups differ in
+    the activation function they need, which is what TAAN learns per task.
   * A video picks a primary task with probability proportional to a per-task weight (so
     the tasks have different sizes) and, with probability `second_task_prob`, a second
     task (from the same group with probability 0.75). It gets 1 + Poisson(2) labels
-    (about 3, at least one per chosen task) spread over its tasks; the classes inside a
-    task are drawn without replacement from a skewed class distribution.
-  * Features: x = sum over labels (t, c) of (m_{t,c} + latent noise) (P_g(t) + task_specific Q_t)
-    divided by sqrt(#labels), plus Gaussian feature noise. Tasks of one group thus share
-    the feature subspace that carries their labels; tasks of different groups do not.
+    (about 3, at least one per chosen task) spread over its tasks. Inside task t its k
+    classes are the k largest keys log p_{t,c} + `link_strength` * link_g(s_{t,c}) + Gumbel
+    noise (p_t: a skewed class distribution), i.e. drawn without replacement with
+    probabilities ~ p_{t,c} exp(link_strength * link_g(s_{t,c})).
 
 The planted groups are stored in tasks.json under "synthetic_groups" (with the generator
 settings under "synthetic_config"), so the visualiser and tests can compare them with a
 trained TAAN's task-distance matrices.
-
-Difficulty with the defaults (valid, sample-averaged AP of a ridge regression per task):
-about 0.82 on the raw features, 0.93 on the 16-dim principal subspace of the task's group,
-0.88 on a 64-dim principal subspace of all tasks, 0.51 for random scores -- sharing inside
-a group helps most, sharing across all tasks less.
 
 Usage:
   python Youtube8M/synthetic.py --out data/youtube8m [--seed 0] [--num_train 20000] [--num_valid 6000]
@@ -55,15 +57,16 @@ GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 OFF_TASK_VERTICAL = "Reference"
 DEFAULT_DATA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                  "data", "youtube8m")
+EVENNESS = (0.0, 0.45, 0.75, 1.0)      # e_g of the link function of group g
 DEFAULTS = dict(num_train=20000, num_valid=6000, train_files=4, valid_files=4, latent_dim=16,
-                task_specific=0.5, latent_noise=1.0, feature_noise=5.0, second_task_prob=0.35)
+                link_strength=12.0, feature_noise=0.5, second_task_prob=0.35)
 
 
 class SyntheticVideos:
     """The seeded generative model; `sample(n)` draws n videos (label lists and features)."""
 
-    def __init__(self, seed=0, latent_dim=16, task_specific=0.5, latent_noise=1.0,
-                 feature_noise=5.0, second_task_prob=0.35, **file_settings):
+    def __init__(self, seed=0, latent_dim=16, link_strength=12.0, feature_noise=0.5,
+                 second_task_prob=0.35, **file_settings):
         rng = self.rng = np.random.default_rng(seed)
         T, d = len(TASKS), latent_dim
         self.group_of = np.zeros(T, dtype=np.int64)
@@ -72,13 +75,19 @@ class SyntheticVideos:
         self.num_classes = rng.integers(3, 13, size=T)
         self.task_weight = rng.uniform(0.4, 2.0, size=T)
         self.class_prob = [rng.dirichlet(np.full(c, 2.0)) for c in self.num_classes]
-        group_proj = rng.standard_normal((len(GROUPS), d, FEATURE_SIZE)) / np.sqrt(d)
-        task_proj = rng.standard_normal((T, d, FEATURE_SIZE)) / np.sqrt(d)
-        proj = group_proj[self.group_of] + task_specific * task_proj
-        self.proj = proj.astype(np.float32)                                    # [T, d, 1152]
-        self.prototypes = [rng.standard_normal((c, d)) * 1.5 for c in self.num_classes]
-        self.latent_dim, self.latent_noise, self.feature_noise = d, latent_noise, feature_noise
+        self.directions = []                                                   # [C_t, d] unit rows
+        for c in self.num_classes:
+            m = rng.standard_normal((c, d))
+            self.directions.append(m / np.linalg.norm(m, axis=1, keepdims=True))
+        self.proj = (rng.standard_normal((d, FEATURE_SIZE)) / np.sqrt(d)).astype(np.float32)
+        self.evenness = np.asarray(EVENNESS)[self.group_of]                    # e_g of every task
+        self.latent_dim, self.link_strength, self.feature_noise = d, link_strength, feature_noise
         self.second_task_prob = second_task_prob
+
+    def link(self, t, s):
+        """link_g(s) = (1 - e_g) s + e_g |s| for task t (g its group)."""
+        e = self.evenness[t]
+        return (1.0 - e) * s + e * np.abs(s)
 
     def _tasks(self, n):
         """Primary task of every video, and the second task (-1: none)."""
@@ -106,8 +115,9 @@ class SyntheticVideos:
         n1 = np.clip(n1, k - cap2, cap1)
         return n1, k - n1
 
-    def sample(self, n):
-        """Draw n videos: list of [(task, class), ...] per video and features float32 [n, 1152]."""
+    def sample(self, n, return_latent=False):
+        """Draw n videos: list of [(task, class), ...] per video and features float32 [n, 1152]
+        (and the latent codes z [n, d] with return_latent)."""
         rng, d = self.rng, self.latent_dim
         primary, second = self._tasks(n)
         n1, n2 = self._label_counts(primary, second)
@@ -115,22 +125,21 @@ class SyntheticVideos:
         task = np.concatenate([primary, second[second >= 0]])
         count = np.concatenate([n1, n2[second >= 0]])
         labels = [[] for _ in range(n)]
-        x = self.feature_noise * rng.standard_normal((n, FEATURE_SIZE), dtype=np.float32)
-        scale = 1.0 / np.sqrt(n1 + n2)
+        z = rng.standard_normal((n, d))
         for t in range(len(TASKS)):
             rows = np.flatnonzero(task == t)
+            s = z[video[rows]] @ self.directions[t].T                        # evidence [r, C_t]
             # classes without replacement by the Gumbel-top-k trick: the count[i] largest
-            # log p + Gumbel keys; chosen[j, c] = 1 when class c is among them
-            keys = np.log(self.class_prob[t]) + rng.gumbel(size=(len(rows), self.num_classes[t]))
+            # keys log p + strength * link(s) + Gumbel; chosen[j, c] = 1 when c is among them
+            keys = (np.log(self.class_prob[t]) + self.link_strength * self.link(t, s)
+                    + rng.gumbel(size=s.shape))
             rank = np.argsort(np.argsort(-keys, axis=1), axis=1)
             chosen = rank < count[rows][:, None]
             for j, c in zip(*np.nonzero(chosen)):
                 labels[video[rows[j]]].append((t, int(c)))
-            latent = (chosen @ self.prototypes[t]).astype(np.float32)
-            noise = rng.standard_normal((len(rows), d), dtype=np.float32)
-            latent += self.latent_noise * np.sqrt(count[rows])[:, None] * noise
-            x[video[rows]] += (latent * scale[video[rows]][:, None]) @ self.proj[t]
-        return labels, x
+        x = z.astype(np.float32) @ self.proj
+        x += self.feature_noise * rng.standard_normal((n, FEATURE_SIZE), dtype=np.float32)
+        return (labels, x, z) if return_latent else (labels, x)
 
 
 def _vocabulary_layout(rng, num_classes, num_off_task=4):
@@ -248,7 +257,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     for key in ("num_train", "num_valid", "train_files", "valid_files", "latent_dim"):
         parser.add_argument("--" + key, type=int, default=DEFAULTS[key])
-    for key in ("task_specific", "latent_noise", "feature_noise", "second_task_prob"):
+    for key in ("link_strength", "feature_noise", "second_task_prob"):
         parser.add_argument("--" + key, type=float, default=DEFAULTS[key])
     parser.add_argument("--keep_raw", action="store_true", help="keep the TFRecords in OUT/raw")
     args = vars(parser.parse_args(argv))

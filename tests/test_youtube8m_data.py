@@ -10,7 +10,7 @@ import torch
 from tfrecord.writer import TFRecordWriter
 
 from Youtube8M.data import FEATURE_SIZE, TASKS, convert, split_validate_files, task_file
-from Youtube8M.synthetic import GROUPS, ensure_builtin_data, make_synthetic_data
+from Youtube8M.synthetic import GROUPS, SyntheticVideos, ensure_builtin_data, make_synthetic_data
 from Youtube8M.torch_loader import MultiTask_Dataloader, MultiTaskBatches, TaskLoader
 
 T = len(TASKS)
@@ -145,25 +145,27 @@ def test_synthetic_sizes_groups_labels(tmp_path):
     assert info["videos"]["valid"] + info["videos"]["test"] == 400
     assert sorted(os.listdir(out)) == sorted(["tasks.json"] + [
         os.path.basename(task_file(out, s, t)) for s in ("train", "valid", "test") for t in range(T)])
-    labels, directions = 0, []
+    # the latent codes, recovered from the features with the generator's shared projection
+    gen = SyntheticVideos(**info["synthetic_config"])
+    unproject = np.linalg.pinv(gen.proj.astype(np.float64))
+    labels, slope = 0, []
     for t in range(T):
         with h5py.File(task_file(out, "train", t), "r") as f:
-            x, y = f["features"][:], f["labels"][:].astype(np.float64)
+            x, y = f["features"][:].astype(np.float64), f["labels"][:].astype(np.float64)
             assert int(f.attrs["num_classes"]) == info["num_classes"][t] == y.shape[1]
         assert 3 <= y.shape[1] <= 12 and len(y) == info["counts"]["train"][t] > 50
         assert y.sum(1).min() >= 1
         labels += y.sum()
-        # the feature directions that carry task t's labels: top-3 right singular vectors
-        coef = np.linalg.lstsq(y - y.mean(0), x - x.mean(0), rcond=None)[0]
-        directions.append(np.linalg.svd(coef, full_matrices=False)[2][:3])
+        # evidence s = m_{t,c} . z of every class; slope of P(label | s) where s < 0:
+        # > 0 for a mostly odd link (groups 0, 1), < 0 for a mostly even one (groups 2, 3)
+        s = (x @ unproject) @ gen.directions[t].T
+        slope.append(np.mean([np.polyfit(s[s[:, c] < 0, c], y[s[:, c] < 0, c], 1)[0]
+                              for c in range(y.shape[1])]))
     assert 2.5 < labels / 2000 < 3.5                          # about 3 labels per video
     assert len(set(info["counts"]["train"])) > 8              # tasks of different sizes
-    overlap = np.array([[np.sum((a @ b.T) ** 2) for b in directions] for a in directions])
-    group = np.repeat(np.arange(4), 4)
-    same = (group[:, None] == group[None]) & ~np.eye(T, dtype=bool)
-    np.fill_diagonal(overlap, -1)
-    assert all(group[overlap[t].argmax()] == group[t] for t in range(T))   # planted groups show
-    assert overlap[same].mean() > 5 * overlap[group[:, None] != group[None]].mean()
+    slope = np.array(slope).reshape(4, 4)                     # [group, task in group]
+    assert slope[:2].min() > 0 > slope[2].max()               # planted groups show in the links
+    assert slope[3].max() < slope[2].mean()                   # the most even group most negative
 
 
 def test_ensure_builtin_data_only_when_absent(tmp_path):
