@@ -118,7 +118,7 @@ class TALActivation(torch.autograd.Function):
         s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
         ctx.backend = backend_for(a)
         if ctx.backend == "cpp":
-            out, k = _ext.forward(a, row_task, s, A, S)
+            out, k = _ext.forward(a, row_task, s, A, S, s.numel() <= KEEP_BUCKETS_MAX_BASIS)
         else:
             out, k = _torch_forward(a, row_task, s, A, S)
         ctx.save_for_backward(a, k, row_task, s, perm, alpha_s, A)

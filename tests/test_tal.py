@@ -221,6 +221,32 @@ def test_large_basis_finds_buckets_again_in_backward(backend):
         assert (u - v).abs().max().item() < 1e-9
 
 
+def test_buckets_recomputed_on_request_give_the_same_numbers(backend, monkeypatch):
+    """KEEP_BUCKETS_MAX_BASIS = 0 trades the kept uint8 buckets for a second search in
+    backward: the same values and gradients, one byte less per element saved."""
+    torch.manual_seed(5)
+    a = torch.randn(8, 50, dtype=torch.float64, requires_grad=True)
+    alpha = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    basis = torch.randn(1, 12, dtype=torch.float64, requires_grad=True)
+    rt = torch.tensor([0, 3, 1, 2, 2, 0, 3, 1])
+    g = torch.randn(8, 50, dtype=torch.float64)
+
+    def run():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = _tal_kernel.tal_activation(a, alpha, basis, rt)
+        return out, torch.autograd.grad(out, (a, alpha, basis), g), saved
+
+    out_keep, grads_keep, saved_keep = run()
+    monkeypatch.setattr(_tal_kernel, "KEEP_BUCKETS_MAX_BASIS", 0)
+    out_new, grads_new, saved_new = run()
+    assert torch.equal(out_keep, out_new)
+    for u, v in zip(grads_keep, grads_new):
+        assert torch.equal(u, v)
+    uint8 = lambda saved: sum(t.numel() for t in saved if t.dtype == torch.uint8)  # noqa: E731
+    assert uint8(saved_keep) == a.numel() and uint8(saved_new) == 0
+
+
 # ------------------------------------------------------------------------ regularisers
 def mc_functions(alpha, basis, z):
     """f_t(z) for all tasks, [n, T], straight from the definition."""

@@ -79,10 +79,10 @@ inline void for_rows(int64_t lo, int64_t hi, int64_t N, const F& fn) {
 // -> (out [R, N], k [R, N] uint8 when M <= 255, else an empty tensor: the backward pass then
 //     finds the buckets again, which costs less than keeping them)
 std::vector<torch::Tensor> tal_forward(torch::Tensor a, torch::Tensor row_task, torch::Tensor s,
-                                       torch::Tensor A, torch::Tensor S) {
+                                       torch::Tensor A, torch::Tensor S, bool keep_buckets) {
   const int64_t R = a.size(0), N = a.size(1), M = s.size(0);
   auto out = torch::empty_like(a);
-  const bool keep = M <= 255;
+  const bool keep = keep_buckets && M <= 255;
   auto k = torch::empty({keep ? R : 0, N}, a.options().dtype(torch::kUInt8));
   const int64_t* rt = row_task.data_ptr<int64_t>();
   uint8_t* kp = keep ? k.data_ptr<uint8_t>() : nullptr;
