@@ -9,15 +9,14 @@
 from .atomic import atomic_savefig, atomic_savetxt, atomic_write_text
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
                          read_checkpoint, resolve_resume, training_state_checkpoint)
-from .handlers import (attach_early_stopping, attach_progress_bar, distributed_backend, is_main_process, launch,
-                       metric_score)
+from .handlers import attach_early_stopping, attach_progress_bar, distributed_backend, launch, metric_score
 from .metrics import MultiTaskMAPAtK, ap_at_k_sum, map_at_k
 from .runtime import (add_bool_argument, count_parameters, resolve_device, seed_everything, split_glued_booleans,
-                      str2bool, unwrap)
+                      str2bool)
 
 __all__ = ['atomic_savefig', 'atomic_savetxt', 'atomic_write_text', 'CheckpointError', 'RNGState',
            'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints', 'read_checkpoint', 'resolve_resume',
            'training_state_checkpoint', 'attach_early_stopping', 'attach_progress_bar', 'distributed_backend',
-           'is_main_process', 'launch', 'metric_score', 'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
+           'launch', 'metric_score', 'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
            'add_bool_argument', 'count_parameters', 'resolve_device', 'seed_everything', 'split_glued_booleans',
-           'str2bool', 'unwrap']
+           'str2bool']

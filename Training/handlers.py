@@ -49,7 +49,3 @@ def launch(function, *args, backend=None, nproc_per_node=None):
         return function(0, *args)     # a plain run: nothing to set up
     with idist.Parallel(backend=backend, nproc_per_node=nproc_per_node) as parallel:
         parallel.run(function, *args)
-
-
-def is_main_process():
-    return idist.get_rank() == 0

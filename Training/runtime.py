@@ -88,8 +88,3 @@ def count_parameters(model):
     """Number of trainable scalars of `model`."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-
-def unwrap(model):
-    """The module inside a DistributedDataParallel / DataParallel wrapper (or the model)."""
-    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model

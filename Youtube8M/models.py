@@ -137,6 +137,18 @@ class MultiTaskModel(nn.Module):
                 raise ValueError(f'{type(self).__name__}: the batch of task {t} must be a tensor '
                                  f'[B, {self.in_features}], got {shape}')
 
+    def run_per_task_layers(self, xs, layers, activation=None):
+        """Run per-task layers (called as layer(x, ids) with one input per task) on the
+        stacked batches of the tasks present; `activation` after each layer if given."""
+        h, present = stack_tasks(xs)
+        ids = torch.tensor(present, device=h.device)
+        h = h.transpose(0, 1)                          # [B, T, in]: one input per task
+        for layer in layers:
+            h = layer(h, ids)
+            if activation is not None:
+                h = activation(h)
+        return self.apply_heads(unstack_tasks(h.transpose(0, 1), xs, present))
+
     def apply_heads(self, hs):
         """logits[t] = hs[t] W_t + b_t, one small product per task."""
         return [head(h) for head, h in zip(self.heads, hs)]
@@ -233,12 +245,7 @@ class MRN(MultiTaskModel):
 
     def forward(self, xs):
         self.check_inputs(xs)
-        h, present = stack_tasks(xs)
-        ids = torch.tensor(present, device=h.device)
-        h = h.transpose(0, 1)                          # [B, T, in]: one input per task
-        for layer in self.layers:
-            h = layer(h, ids)                          # ReLU inside the layer
-        return self.apply_heads(unstack_tasks(h.transpose(0, 1), xs, present))
+        return self.run_per_task_layers(xs, self.layers)      # ReLU inside the layers
 
     def reg_layers(self):
         return list(self.layers)
@@ -283,8 +290,8 @@ class DMTRL(MultiTaskModel):
 
         h1_t = relu(x W1[:, :, t] + b1[:, t]),  h2_t = relu(h1_t W2[:, :, t] + b2[:, t]),
         h3_t = relu(h2_t W3[:, :, t] + b3[:, t]),
-    where each W_l [in, out, T] is rebuilt from its factors (method Tucker, TT or LAF)
-    once per forward for all tasks. The original stacks the three layers with no
+    where each W_l [in, out, T] is kept factorised (method Tucker, TT or LAF) and only the
+    slices of the tasks at hand are used, factor by factor. The original stacks the three layers with no
     nonlinearity (a linear model); we put a ReLU after each layer like every other model.
     `regularization(c)` is the layers' trace-norm penalty (the original has none: use c=0).
     """
@@ -298,12 +305,7 @@ class DMTRL(MultiTaskModel):
 
     def forward(self, xs):
         self.check_inputs(xs)
-        h, present = stack_tasks(xs)
-        ids = torch.tensor(present, device=h.device)
-        h = h.transpose(0, 1)                          # [B, T, in]: one input per task
-        for layer in self.layers:
-            h = F.relu(layer(h, ids))
-        return self.apply_heads(unstack_tasks(h.transpose(0, 1), xs, present))
+        return self.run_per_task_layers(xs, self.layers, F.relu)
 
     def reg_layers(self):
         return list(self.layers)
