@@ -325,8 +325,7 @@ class OmniglotData:
         self.labels = torch.from_numpy(labels).to(self.device)
         self.task_ids = torch.repeat_interleave(torch.arange(len(self.tasks)),
                                                 torch.tensor(self.sizes)).to(self.device)
-        self._order = [None] * len(self.tasks)  # current shuffled pass over each task
-        self._cursor = [0] * len(self.tasks)
+        self.reset_sampling()      # _order, _cursor: the current shuffled pass over each task
 
     @property
     def num_tasks(self):
@@ -368,6 +367,39 @@ class OmniglotData:
         idx = torch.cat([self._take(t, batch_size, generator) for t in range(self.num_tasks)])
         x, y, idx = self._gather(idx)
         return x, y, torch.index_select(self.task_ids, 0, idx)
+
+    def reset_sampling(self):
+        """Forget the current shuffled passes: the next draw of every task starts a new one."""
+        self._order = [None] * self.num_tasks
+        self._cursor = [0] * self.num_tasks
+
+    def sampling_state_dict(self):
+        """Where every task's shuffled pass stands (to resume a run with the same batches)."""
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"order": [empty if o is None else o.cpu() for o in self._order],
+                "cursor": torch.tensor(self._cursor, dtype=torch.long)}
+
+    def load_sampling_state_dict(self, state):
+        if len(state["order"]) != self.num_tasks:
+            raise ValueError(f"the sampling state has {len(state['order'])} alphabets, the data "
+                             f"{self.num_tasks}")
+        self._order = [o if o.numel() else None for o in state["order"]]
+        self._cursor = [int(c) for c in state["cursor"]]
+
+    def balanced_batches(self, per_task):
+        """Yield (x, y, task_ids) over every image once: step j holds images
+        [j * per_task, (j + 1) * per_task) of every task (fewer at the end of a task), so
+        every step has about the same number of images of each task."""
+        starts, stops = self.offsets[:-1].tolist(), self.offsets[1:].tolist()
+        for j in range(self.balanced_steps(per_task)):
+            idx = torch.cat([torch.arange(min(a + j * per_task, b), min(a + (j + 1) * per_task, b))
+                             for a, b in zip(starts, stops)])
+            x, y, idx = self._gather(idx)
+            yield x, y, torch.index_select(self.task_ids, 0, idx)
+
+    def balanced_steps(self, per_task):
+        """Number of steps of `balanced_batches(per_task)`."""
+        return max((-(-n // per_task) for n in self.sizes), default=0)
 
     def task_batches(self, task, batch_size):
         """Yield (x, y) over every image of one task, in list order."""

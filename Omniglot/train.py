@@ -115,31 +115,23 @@ def load_data(root, device, split_seed=0):
 
 class TrainSampler:
     """One `sample_all(batch)` draw per iteration, with a state_dict so that a resumed run
-    draws the same batches as an uninterrupted one (the generator and the sampler's
-    position in each alphabet's shuffled pass)."""
+    draws the same batches as an uninterrupted one (the generator and the data's position
+    in each alphabet's shuffled pass)."""
 
     def __init__(self, data, batch, seed):
         self.data, self.batch = data, batch
         self.generator = torch.Generator().manual_seed(int(seed))
-        data._order = [None] * data.num_tasks      # every run starts new shuffled passes
-        data._cursor = [0] * data.num_tasks
+        data.reset_sampling()      # every run starts new shuffled passes
 
     def __call__(self):
         return self.data.sample_all(self.batch, self.generator)
 
     def state_dict(self):
-        empty = torch.zeros(0, dtype=torch.long)
-        return {"generator": self.generator.get_state(),
-                "order": [empty if o is None else o.cpu() for o in self.data._order],
-                "cursor": torch.tensor(self.data._cursor, dtype=torch.long)}
+        return dict(self.data.sampling_state_dict(), generator=self.generator.get_state())
 
     def load_state_dict(self, state):
-        if len(state["order"]) != self.data.num_tasks:
-            raise ValueError(f"the sampler state has {len(state['order'])} alphabets, the data "
-                             f"{self.data.num_tasks}")
+        self.data.load_sampling_state_dict(state)
         self.generator.set_state(state["generator"])
-        self.data._order = [o if o.numel() else None for o in state["order"]]
-        self.data._cursor = [int(c) for c in state["cursor"]]
 
 
 class History:
@@ -157,23 +149,16 @@ class History:
 
 class EvalBatches:
     """Every test image once, `per_task` images of every alphabet per step (fewer at the
-    end of an alphabet), grouped by task: (x, y, task_ids)."""
+    end of an alphabet), grouped by task: (x, y, task_ids). Sized, for Ignite."""
 
     def __init__(self, data, per_task):
         self.data, self.per_task = data, per_task
-        self.steps = max(-(-n // per_task) for n in data.sizes)
 
     def __len__(self):
-        return self.steps
+        return self.data.balanced_steps(self.per_task)
 
     def __iter__(self):
-        d, c = self.data, self.per_task
-        for j in range(self.steps):
-            idx = torch.cat([torch.arange(min(start + j * c, stop), min(start + (j + 1) * c, stop))
-                             for start, stop in zip(d.offsets[:-1].tolist(), d.offsets[1:].tolist())])
-            idx = idx.to(d.device)
-            x = torch.index_select(d.images, 0, idx).unsqueeze(1).float()
-            yield x, torch.index_select(d.labels, 0, idx), torch.index_select(d.task_ids, 0, idx)
+        return self.data.balanced_batches(self.per_task)
 
 
 class PooledAccuracy(Metric):
