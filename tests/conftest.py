@@ -16,3 +16,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Killed(Exception):
+    """Raised by `kill_at` to simulate a run killed in the middle."""
+
+
+def kill_at(event):
+    """A trainer `setup_hook` that raises Killed when the trainer engine fires `event`
+    (e.g. Events.EPOCH_COMPLETED(once=1))."""
+    def hook(engine):
+        @engine.on(event)
+        def kill(_):
+            raise Killed()
+    return hook

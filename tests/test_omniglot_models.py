@@ -17,6 +17,7 @@ from Omniglot.dataTools import read_split_lists
 from Omniglot.TAAN import (HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN, build_model, multitask_loss,
                            split_by_task)
 from Training import load_checkpoint
+from conftest import Killed, kill_at
 
 CLASSES = [3, 4, 5]
 TINY = dict(alphabets=3, drawers=6, min_chars=3, max_chars=5, seed=0)
@@ -290,17 +291,9 @@ def test_resume_reproduces_the_uninterrupted_run(root, data, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     trainer.train(args_for(root, *common, "--saveto", full), data=data, log=lambda *a: None)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_iteration_3(engine):
-        @engine.on(Events.ITERATION_COMPLETED(once=3))
-        def kill(_):
-            raise Killed()
-
     with pytest.raises(Killed):
         trainer.train(args_for(root, *common, "--saveto", part), data=data, log=lambda *a: None,
-                      setup_hook=kill_at_iteration_3)
+                      setup_hook=kill_at(Events.ITERATION_COMPLETED(once=3)))
     assert torch.load(os.path.join(part, "training_state.pt"))["trainer"]["iteration"] == 2
     assert not os.path.exists(os.path.join(part, "result.json"))
     messages = []

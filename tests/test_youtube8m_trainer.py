@@ -11,6 +11,7 @@ from ignite.engine import Events
 
 from Training import CheckpointError, load_checkpoint, map_at_k
 from Youtube8M import Trainer, Visualizer
+from conftest import Killed, kill_at
 from Youtube8M.models import build_model
 from Youtube8M.synthetic import ensure_builtin_data
 from Youtube8M.torch_loader import MultiTask_Dataloader
@@ -80,16 +81,8 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
     Trainer.main(args + ['--saveto', full])
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_first_epoch(trainer):
-        @trainer.on(Events.EPOCH_COMPLETED(once=1))
-        def kill(engine):
-            raise Killed()
-
     with pytest.raises(Killed):
-        Trainer.main(args + ['--saveto', part], setup_hook=kill_after_first_epoch)
+        Trainer.main(args + ['--saveto', part], setup_hook=kill_at(Events.EPOCH_COMPLETED(once=1)))
     saved = torch.load(os.path.join(part, 'TAAN-training_state.pt'))['trainer']
     assert saved['iteration'] == saved['epoch_length']        # saved after epoch 1
     resumed = Trainer.main(args + ['--saveto', part, '--resume', 'auto'])
