@@ -192,6 +192,25 @@ def test_single_task_is_independent_networks():
                for s in range(T) if s != t)
 
 
+@pytest.mark.parametrize("name", ["taan", "hard"])
+def test_batch_norm_uses_the_statistics_of_all_tasks_at_once(name):
+    """Difference from the original (one forward per alphabet): in training the first batch
+    norm sees all tasks' images together and updates its running mean once, by momentum
+    times the mean over the whole batch."""
+    model = make(name).train()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(9, 1, 105, 105, generator=g, dtype=torch.float64).round()
+    ids = torch.tensor([2, 0, 1, 1, 2, 0, 0, 2, 1])
+    conv = model.convs[0]
+    bn = conv.bn if name == "taan" else model.bns[0]
+    a = F.conv2d(x, conv.weight, conv.bias)
+    before = bn.running_mean.clone()
+    model(x, ids)
+    expected = (1 - bn.momentum) * before + bn.momentum * a.mean(dim=(0, 2, 3))
+    torch.testing.assert_close(bn.running_mean, expected, rtol=1e-12, atol=1e-12)
+    assert int(bn.num_batches_tracked) == 1
+
+
 def test_multitask_loss_and_split_by_hand():
     logits = [torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(0, 3), torch.tensor([[1.0, 1.0, 1.0]] * 2)]
     labels = [torch.tensor([1]), torch.zeros(0, dtype=torch.long), torch.tensor([0, 2])]
