@@ -15,12 +15,9 @@ import argparse
 import os
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch  # noqa: E402
+from matplotlib.figure import Figure
+import numpy as np
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
 SEED = 0
 TASKS = 3  # T
@@ -80,7 +77,7 @@ def draw_architecture(seed=SEED):
     """Return the matplotlib Figure of the TAAN layer."""
     b, alpha = example_parameters(seed)
     a = np.linspace(*A_RANGE, 401)
-    fig = plt.figure(figsize=(16, 7.5))
+    fig = Figure(figsize=(16, 7.5))
     fig.text(0.5, 0.95, "Task Adaptive Layer (TAAN): one shared affine map, one activation per task",
              ha="center", va="center", fontsize=16, weight="bold")
 
@@ -200,7 +197,6 @@ def main(argv=None):
     paths = [out_dir / "architecture.png", out_dir / "architecture.pdf"]
     for path in paths:
         save_atomic(fig, path)
-    plt.close(fig)
     for path in paths:
         print(f"wrote {path}")
 

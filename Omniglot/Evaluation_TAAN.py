@@ -22,9 +22,6 @@ from its last evaluation, and the lambda's header is not written twice. Without 
 a sweep is new: its lines are appended after whatever the results file holds (as the
 original did), and the run folders' markers of an earlier sweep are cleared first.
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os

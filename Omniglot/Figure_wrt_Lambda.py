@@ -14,18 +14,12 @@ writes PATH_PREFIX.png and PATH_PREFIX.pdf.
 import os
 import sys
 
-if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from Omniglot.results import REPORTED, load_results_dir  # noqa: E402
+from Omniglot.results import REPORTED, load_results_dir
 
 # (regulariser, legend label, colour), drawn in this order.
 CURVES = [("cosine", r"$\mathcal{L}_{Cos}$", "tab:blue"),
@@ -82,7 +76,8 @@ def draw_panel(ax, results, title):
 
 def plot(panels, out_prefix):
     """panels: [(title, {reg: {lambda: [acc]}})]; writes out_prefix.png and .pdf atomically."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.5), squeeze=False)
+    fig = Figure(figsize=(6.0 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, results) in zip(axes[0], panels):
         draw_panel(ax, results, title)
     fig.tight_layout()
@@ -95,7 +90,6 @@ def plot(panels, out_prefix):
         fig.savefig(path + ".tmp", format=ext, dpi=150)
         os.replace(path + ".tmp", path)
         paths.append(path)
-    plt.close(fig)
     return paths
 
 

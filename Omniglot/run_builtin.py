@@ -33,9 +33,6 @@ kept, an interrupted run continues from its last evaluation, and nothing is writ
 These are synthetic images, not handwriting: the numbers check the pipeline and show how
 to read the figure; they are not comparable with the paper's.
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os

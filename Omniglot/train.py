@@ -21,9 +21,6 @@ Files in --saveto (nothing is written without it):
   config.json          the settings and the alphabet names (to rebuild the model)
   result.json          best accuracy, iterations and the accuracy history, when the run ends
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os

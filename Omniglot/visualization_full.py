@@ -12,22 +12,16 @@ network and draws, for each of its five TAL layers (conv1..conv4, dense1), the T
 of the alphabets' activation functions f_t (closed forms of `Layers.TAL_pytorch`), with the
 alphabet names on the axes. Writes OUT/<reg>-<run folder>-<matrix>.png and .pdf.
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os
 
-import matplotlib
+from matplotlib.figure import Figure
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from Omniglot.TAAN import TAAN  # noqa: E402
-from Omniglot.train import BEST_NAME, CONFIG_NAME  # noqa: E402
-from Training import atomic_savefig, load_checkpoint  # noqa: E402
+from Omniglot.TAAN import TAAN
+from Omniglot.train import BEST_NAME, CONFIG_NAME
+from Training import atomic_savefig, load_checkpoint
 
 MATRICES = ("distance", "cosine")
 
@@ -67,7 +61,8 @@ def plot_matrices(mats, names, title, out_prefix):
     """2 x 3 panels (one per layer) with the alphabet names as labels; writes .png and .pdf."""
     T = len(names)
     side = max(4.0, 0.16 * T + 2.0)
-    fig, axes = plt.subplots(2, 3, figsize=(3 * side, 2 * side))
+    fig = Figure(figsize=(3 * side, 2 * side))
+    axes = fig.subplots(2, 3)
     font = max(3.0, min(9.0, 300.0 / max(T, 1)))
     for ax in axes.flat[len(mats):]:
         ax.axis("off")
@@ -84,7 +79,6 @@ def plot_matrices(mats, names, title, out_prefix):
     paths = [f"{out_prefix}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
         atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
     return paths
 
 

@@ -31,9 +31,6 @@ result is the same as an uninterrupted run (the batches depend only on seed and 
 Runs unchanged under `torchrun --nproc_per_node N Youtube8M/Trainer.py ...`: each process
 reads its shard of the data, gradients and metrics are all-reduced, rank 0 writes files.
 """
-if __name__ == '__main__' and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os

@@ -18,23 +18,18 @@ Files in --out (default: the checkpoint's folder):
 The checkpoint is the best-model file written by Trainer.py ({saveto}/TAAN.pth); the
 settings to rebuild the model are read from {saveto}/TAAN-config.json next to it.
 """
-if __name__ == '__main__' and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os
 
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.cluster import SpectralClustering  # noqa: E402
+from matplotlib.figure import Figure
+import numpy as np
+from sklearn.cluster import SpectralClustering
 
-from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix  # noqa: E402
-from Training import atomic_savefig, atomic_write_text, load_checkpoint  # noqa: E402
-from Youtube8M.data import read_task_names  # noqa: E402
-from Youtube8M.models import build_model  # noqa: E402
+from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix
+from Training import atomic_savefig, atomic_write_text, load_checkpoint
+from Youtube8M.data import read_task_names
+from Youtube8M.models import build_model
 
 CATEGORIES = ['Arts & Entertainment', 'Games', 'Autos & Vehicles', 'Sports', 'Food & Drink',
               'Computers & Electronics', 'Business & Industrial', 'Pets & Animals', 'Hobbies & Leisure',
@@ -99,7 +94,8 @@ def heatmaps(matrices, names, title):
     """One figure: a labelled T x T heat map per layer."""
     L, T = len(matrices), len(names)
     size = max(4.0, 0.35 * T + 2.5)
-    fig, axes = plt.subplots(1, L, figsize=(size * L, size), squeeze=False)
+    fig = Figure(figsize=(size * L, size))
+    axes = fig.subplots(1, L, squeeze=False)
     for l, (ax, m) in enumerate(zip(axes[0], matrices)):
         im = ax.imshow(m, cmap='viridis')
         ax.set_xticks(range(T))
@@ -132,7 +128,6 @@ def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
             path = os.path.join(out, f'{stem}-task_{kind}.{ext}')
             atomic_savefig(fig, path, dpi=150)
             files.append(path)
-        plt.close(fig)
 
     groups, lines = [], []
     for l, (D, _) in enumerate(matrices):

@@ -31,9 +31,6 @@ Usage:
   python Youtube8M/data.py --vocabulary vocabulary.csv \
       --train 'yt8m/train*.tfrecord' --valid 'yt8m/validate*.tfrecord' --out data/youtube8m
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import csv
 import glob

@@ -15,9 +15,6 @@
 Every trainer flag can be changed here (see --help); the results of model M go to
 --out/M (default results/builtin/M).
 """
-if __name__ == '__main__' and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import json
 import os

@@ -37,9 +37,6 @@ trained TAAN's task-distance matrices.
 Usage:
   python Youtube8M/synthetic.py --out data/youtube8m [--seed 0] [--num_train 20000] [--num_valid 6000]
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import csv
 import os

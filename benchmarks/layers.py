@@ -17,10 +17,6 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 

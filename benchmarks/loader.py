@@ -10,9 +10,6 @@ Each rate is the best of two passes (one epoch each).
 
     python benchmarks/loader.py [--rows 50000] [--per_sample 3000] [--batch_size 256]
 """
-if __name__ == "__main__" and not __package__:
-    import os, sys; sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import argparse
 import os
 import tempfile

@@ -28,9 +28,6 @@ import statistics
 import sys
 import time
 
-if __name__ == '__main__':
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch
 
 from Youtube8M.models import DMTRL, MRN, build_model, multitask_loss
