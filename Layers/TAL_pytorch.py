@@ -40,6 +40,19 @@ from ._tasks import parse_task, check_width
 C0_ORIGINAL = 0.4                      # the original code's rounding of 1/sqrt(2 pi)
 C0_EXACT = 1.0 / math.sqrt(2.0 * math.pi)
 REGULARIZERS = ("tracenorm", "tracenorm_original", "distance", "cosine", "cosine_original")
+PAPER_REGULARIZERS = ("tracenorm", "distance", "cosine")   # the paper's names; two have an "_original" variant
+
+
+def layer_regularizer(name, original_variant=False):
+    """A regulariser's name as a command line gives it -> the layers' ``regularize=``:
+    None for None or 'none'; with ``original_variant`` the original code's formula where it
+    differs from the paper's ('tracenorm' -> 'tracenorm_original', 'cosine' -> 'cosine_original')."""
+    if name is None or str(name).lower() == "none":
+        return None
+    name = str(name).lower()
+    if name not in PAPER_REGULARIZERS:
+        raise ValueError(f"unknown regulariser {name!r}; choose none or one of {', '.join(PAPER_REGULARIZERS)}")
+    return f"{name}_original" if original_variant and f"{name}_original" in REGULARIZERS else name
 
 
 # ------------------------------------------------------------------------ closed forms
