@@ -11,13 +11,13 @@ The figure shows one Task Adaptive Layer (TAL):
 The basis points b_m and the coefficients alpha are drawn at random with a fixed
 seed, so the plotted curves are real evaluations of the formula, not sketches.
 """
-import argparse
-import os
 from pathlib import Path
 
-from matplotlib.figure import Figure
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+from Training import ArgumentParser, UserError, atomic_savefig, entry_point
 
 SEED = 0
 TASKS = 3  # T
@@ -174,32 +174,24 @@ def draw_architecture(seed=SEED):
     return fig
 
 
-def save_atomic(fig, path):
-    """Save fig to path through a temporary file in the same folder."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    fmt = path.suffix.lstrip(".")
-    metadata = {"CreationDate": None} if fmt == "pdf" else None  # same bytes on every run
-    fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Draw the TAAN layer architecture figure.")
+    parser = ArgumentParser(description="Draw the TAAN layer architecture figure.")
     parser.add_argument("--out-dir", default=str(Path(__file__).resolve().parent),
                         help="folder for architecture.png and architecture.pdf (default: Documents/)")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of the example alpha and basis")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"output folder {out_dir} does not exist; create it first (mkdir -p {out_dir})")
+        raise UserError(f"output folder {out_dir} does not exist; create it first (mkdir -p {out_dir})")
     fig = draw_architecture(args.seed)
     paths = [out_dir / "architecture.png", out_dir / "architecture.pdf"]
-    for path in paths:
-        save_atomic(fig, path)
+    for path in paths:     # the PDF without a creation date: the same bytes on every run
+        atomic_savefig(fig, path, dpi=150, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     for path in paths:
         print(f"wrote {path}")
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

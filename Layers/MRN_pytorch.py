@@ -75,7 +75,7 @@ class _MRNBase(nn.Module):
         self.regularization_task = regularization_task
         self.regularization_feature = regularization_feature
         self.regularization_input = regularization_input
-        self.update_interval = update_interval   # read by the trainers, which call update()
+        self.update_interval = update_interval   # read by after_step
         self.dropout = nn.Dropout(p=0.5) if dropout else None
         self.register_buffer('task_cov', torch.eye(tasks))        # Omega_T
         self.register_buffer('class_cov', torch.eye(out_size))    # Omega_C
@@ -93,6 +93,11 @@ class _MRNBase(nn.Module):
         for mode, omega in enumerate(self._omegas()):
             Z = mode_product(Z, omega, mode)
         return c * (W * Z).sum()
+
+    def after_step(self, iteration):
+        """Call after every optimizer step: `update()` every `update_interval` steps."""
+        if iteration % self.update_interval == 0:
+            self.update()
 
     @torch.no_grad()
     def update(self):

@@ -1,13 +1,14 @@
 """The Omniglot lambda sweep of the paper's figure: TAAN with one regulariser.
 
-    python Omniglot/Evaluation_TAAN.py --regularize distance --data_root data/omniglot
-    python Omniglot/Evaluation_TAAN.py --VMTL Euclidean --gpu 0        # the original's flags
+    python -m Omniglot.Evaluation_TAAN --regularize distance
+    cd Omniglot && python Evaluation_TAAN.py --VMTL Euclidean --gpu 0      # the original's flags
 
 For every lambda (default 0.1 0.2 0.3 0.4) the TAAN network of `Omniglot/TAAN.py` is
 trained --repeats times (default 5; basis 32, lr 1e-5, 5 images per alphabet per
 iteration, test every 100 iterations, stop after 100 evaluations without gain or 15000
 iterations; see `Omniglot/train.py`) and the best test accuracy of each run is appended to
-RESULTS_DIR/Results-TAAN-Omniglot-<reg>.txt in the original's format:
+RESULTS_DIR/Results-TAAN-Omniglot-<reg>.txt (default results/omniglot under the project's
+home folder, see README) in the original's format:
 
     ---------------Lambda = 0.100000.---------------
     Experiment 1, ACC: 0.8554.
@@ -22,38 +23,37 @@ from its last evaluation, and the lambda's header is not written twice. Without 
 a sweep is new: its lines are appended after whatever the results file holds (as the
 original did), and the run folders' markers of an earlier sweep are cleared first.
 """
-import argparse
-import json
 import os
 from types import SimpleNamespace
 
 import numpy as np
 
 from Omniglot import results
-from Omniglot.train import STATE_NAME, REGULARIZERS, add_training_arguments, check_args, load_data, train
-from Training import atomic_write_text, resolve_device
+from Omniglot.train import STATE_NAME, add_training_arguments, check_args, load_data, train
+from Training import ArgumentParser, atomic_write_json, default_path, entry_point, resolve_device
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
 RECORDED = "recorded.json"   # in a run folder: its line is in the results file
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Omniglot: TAAN test accuracy for several regularisation weights.")
+    p = ArgumentParser(description="Omniglot: TAAN test accuracy for several regularisation weights.")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--regularize", type=str.lower, choices=REGULARIZERS, help="the regulariser")
+    g.add_argument("--regularize", type=str.lower, choices=results.REGULARIZERS, help="the regulariser")
     g.add_argument("--VMTL", choices=sorted(results.ORIGINAL_NAMES),
                    help="the original's name of the regulariser (NoVMTL = none, LowRank = tracenorm, "
                         "Euclidean = distance, Cosine = cosine)")
     p.add_argument("--lambdas", type=float, nargs="+", default=None,
                    help="regularisation weights (default 0.1 0.2 0.3 0.4; 'none' always uses 0)")
     p.add_argument("--repeats", type=int, default=5, help="runs per lambda (default 5)")
-    p.add_argument("--results_dir", default=".", help="folder of the Results-TAAN-Omniglot-<reg>.txt files")
+    p.add_argument("--results_dir", default=default_path("results", "omniglot"),
+                   help="folder of the Results-TAAN-Omniglot-<reg>.txt files (default %(default)s)")
     p.add_argument("--save_models", default="", metavar="DIR",
                    help="keep every run's best model, training state and result under DIR/<reg>/")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep from the run folders in --save_models")
     p.add_argument("--gpu", default=None, help="GPU id (original flag): cuda:GPU when CUDA is available")
-    add_training_arguments(p)
+    add_training_arguments(p, outputs=False)
     return p
 
 
@@ -159,9 +159,9 @@ def run_sweep(args, data=None, device=None, log=print):
             out = train(run_settings(args, lam, j, folder), data=data, device=device, log=log)
             results.append_experiment(path, j + 1, out["best_acc"])
             if folder:
-                atomic_write_text(os.path.join(folder, RECORDED), json.dumps(
-                    {"results_file": os.path.abspath(path), "lambda": lam, "experiment": j + 1,
-                     "accuracy": out["best_acc"]}))
+                atomic_write_json(os.path.join(folder, RECORDED),
+                                  {"results_file": os.path.abspath(path), "lambda": lam, "experiment": j + 1,
+                                   "accuracy": out["best_acc"]})
             new.setdefault(lam, []).append(out["best_acc"])
             print(f"Experiment {j + 1}, ACC: {out['best_acc']:.4f} ({out['iterations']} iterations)")
     return new
@@ -177,5 +177,7 @@ def main(argv=None):
     return new
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -7,19 +7,20 @@ from the runs without a regulariser ('none'), which is also drawn as its own poi
 as a dashed horizontal reference line. With --reported a panel with the numbers the
 original reports is drawn beside it, in the same style.
 
-    python Omniglot/Figure_wrt_Lambda.py --results_dir results/omniglot --out results/lambda
-    python Omniglot/Figure_wrt_Lambda.py --out /tmp/omniglot_reported --reported
-writes PATH_PREFIX.png and PATH_PREFIX.pdf.
+    python -m Omniglot.Figure_wrt_Lambda --reported        # results/omniglot/lambda.png and .pdf
+    python -m Omniglot.Figure_wrt_Lambda --results_dir results/omniglot --out results/lambda
+    python -m Omniglot.Figure_wrt_Lambda --results_dir none --reported --out /tmp/omniglot_reported
+writes OUT.png and OUT.pdf (OUT: a path without extension).
 """
 import os
-import sys
 
-import argparse
-
-from matplotlib.figure import Figure
 import numpy as np
+from matplotlib.figure import Figure
 
 from Omniglot.results import REPORTED, load_results_dir
+from Training import ArgumentParser, UserError, atomic_savefig, default_path, entry_point
+
+RESULTS_DIR = default_path("results", "omniglot")
 
 # (regulariser, legend label, colour), drawn in this order.
 CURVES = [("cosine", r"$\mathcal{L}_{Cos}$", "tab:blue"),
@@ -81,40 +82,41 @@ def plot(panels, out_prefix):
     for ax, (title, results) in zip(axes[0], panels):
         draw_panel(ax, results, title)
     fig.tight_layout()
-    folder = os.path.dirname(out_prefix)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = f"{out_prefix}.{ext}"
-        fig.savefig(path + ".tmp", format=ext, dpi=150)
-        os.replace(path + ".tmp", path)
-        paths.append(path)
+    paths = [f"{out_prefix}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        atomic_savefig(fig, path, dpi=150)
     return paths
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Plot Omniglot test accuracy against lambda.")
-    p.add_argument("--results_dir", help="folder with Results-TAAN-Omniglot-<reg>.txt files")
-    p.add_argument("--out", required=True, help="output path without extension (.png/.pdf added)")
+    p = ArgumentParser(description="Plot Omniglot test accuracy against lambda.")
+    p.add_argument("--results_dir", default=RESULTS_DIR,
+                   help="folder with Results-TAAN-Omniglot-<reg>.txt files ('none': draw only the reported "
+                        "numbers; default %(default)s)")
+    p.add_argument("--out", default=None, help="output path without extension, .png/.pdf added "
+                   "(default RESULTS_DIR/lambda)")
     p.add_argument("--reported", action="store_true",
                    help="also draw the accuracies the original reports")
     args = p.parse_args(argv)
-    if not args.results_dir and not args.reported:
-        p.error("give --results_dir, --reported, or both")
+    use_results = args.results_dir.lower() != "none"
+    if not use_results and not args.reported:
+        p.error("--results_dir none draws nothing without --reported")
+    out = args.out or os.path.join(RESULTS_DIR if not use_results else args.results_dir, "lambda")
     panels = []
-    if args.results_dir:
+    if use_results:
         results = load_results_dir(args.results_dir)
         if not any(accs for table in results.values() for accs in table.values()):
-            raise FileNotFoundError(f"no accuracies in Results-TAAN-Omniglot-<reg>.txt files in "
-                                    f"{args.results_dir}; run the Omniglot lambda sweep first, "
-                                    "or draw only the original's numbers with --reported")
+            raise UserError(f"no accuracies in Results-TAAN-Omniglot-<reg>.txt files in "
+                            f"{args.results_dir}; run the Omniglot lambda sweep first, "
+                            "or draw only the original's numbers with --results_dir none --reported")
         panels.append((f"This run ({args.results_dir})", results))
     if args.reported:
         panels.append(("Reported by the original (5 runs each)", REPORTED))
-    for path in plot(panels, args.out):
+    for path in plot(panels, out):
         print(f"wrote {path}")
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -38,8 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from Layers import TAL_Conv2d, TAL_Linear
-
-IMAGE_SIZE = 105
+from Layers.TAL_pytorch import C0_ORIGINAL
+from Omniglot.dataTools import IMAGE_SIZE
 CHANNELS = (1, 6, 12, 24, 64)
 FLAT = 64 * 4 * 4
 HIDDEN = 512
@@ -141,7 +141,7 @@ class TAAN(_OmniglotNet):
     regularization(c) = sum_l c * R(alpha_l, basis_l) for the chosen regulariser R.
     """
 
-    def __init__(self, num_classes, basis=32, regularize=None, c0=0.4):
+    def __init__(self, num_classes, basis=32, regularize=None, c0=C0_ORIGINAL):
         super().__init__(num_classes)
         T = self.num_tasks
         self.convs = nn.ModuleList(
@@ -262,7 +262,7 @@ class SingleTask(_OmniglotNet):
         return self.heads[t](h)
 
 
-def build_model(name, num_classes, basis=32, regularize=None, c0=0.4):
+def build_model(name, num_classes, basis=32, regularize=None, c0=C0_ORIGINAL):
     """'taan' (with basis, regularize, c0), 'hard' or 'stl' (case-insensitive)."""
     key = str(name).lower()
     if key == "taan":

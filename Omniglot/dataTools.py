@@ -27,9 +27,8 @@ Preprocessing follows the original: PIL opens the PNG and converts it to one-bit
 no normalisation. The cache stores exactly these values as uint8, and the sampler turns
 them into float tensors [B, 1, 105, 105].
 
-    python Omniglot/dataTools.py --root data/omniglot [--seed 0]
+    python -m Omniglot.dataTools --root data/omniglot [--seed 0]
 """
-import argparse
 import hashlib
 import os
 import random
@@ -39,32 +38,27 @@ import time
 import h5py
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-IMAGE_SIZE = 105
+from Training import ArgumentParser, UserError, atomic_path, atomic_write_text, default_path, entry_point
+
+IMAGE_SIZE = 105                     # Omniglot images are 105 x 105 pixels, used at full size
+DEFAULT_DATA_ROOT = default_path("data", "omniglot")
 SPLIT_FOLDERS = ("images_background", "images_evaluation")
 SPLITS = ("train", "test")
 CACHE_NAME = "omniglot_cache.hdf5"
 CACHE_VERSION = 1
 
 
-def _write_text(path, text):
-    """Write a text file atomically (temporary file in the same folder, then rename)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _how_to_get_data(root):
     return (f"Put the Omniglot data in {root}: unzip images_background.zip and "
             "images_evaluation.zip from https://github.com/brendenlake/omniglot (folder "
             f"python/) there, or create the synthetic stand-in with "
-            f"`python Omniglot/synthetic.py --root {root}`.")
+            f"`python -m Omniglot.synthetic --root {root}`.")
 
 
 def _how_to_prepare(root):
-    return f"Run `python Omniglot/dataTools.py --root {root}` to write the lists and the cache."
+    return f"Run `python -m Omniglot.dataTools --root {root}` to write the lists and the cache."
 
 
 def _visible_entries(folder):
@@ -74,23 +68,23 @@ def _visible_entries(folder):
 def find_alphabets(root):
     """[(alphabet, folder)] of both image folders, sorted by alphabet name (= task order)."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"data folder {root} does not exist. " + _how_to_get_data(root))
+        raise UserError(f"data folder {root} does not exist. " + _how_to_get_data(root))
     found = {}
     for split_folder in SPLIT_FOLDERS:
         folder = os.path.join(root, split_folder)
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"{folder} is missing. " + _how_to_get_data(root))
+            raise UserError(f"{folder} is missing. " + _how_to_get_data(root))
         for name in _visible_entries(folder):
             path = os.path.join(folder, name)
             if not os.path.isdir(path):
                 continue
             if name in found:
-                raise ValueError(f"alphabet {name} is in both {found[name]} and {path}; "
-                                 "alphabet names must be unique")
+                raise UserError(f"alphabet {name} is in both {found[name]} and {path}; "
+                                "alphabet names must be unique")
             found[name] = path
     if not found:
-        raise ValueError(f"no alphabet folders in {root}/images_background or "
-                         f"{root}/images_evaluation. " + _how_to_get_data(root))
+        raise UserError(f"no alphabet folders in {root}/images_background or "
+                        f"{root}/images_evaluation. " + _how_to_get_data(root))
     return sorted(found.items())
 
 
@@ -102,22 +96,22 @@ def list_images(alphabet_dir):
     chars = [c for c in _visible_entries(alphabet_dir)
              if os.path.isdir(os.path.join(alphabet_dir, c))]
     if not chars:
-        raise ValueError(f"alphabet folder {alphabet_dir} is empty (no characterNN folders); "
-                         "re-extract the data or regenerate the synthetic set")
+        raise UserError(f"alphabet folder {alphabet_dir} is empty (no characterNN folders); "
+                        "re-extract the data or regenerate the synthetic set")
     items = []
     for c in chars:
         if not re.search(r"\d\d$", c):
-            raise ValueError(f"character folder {os.path.join(alphabet_dir, c)} does not end "
-                             "in a two-digit number like character01")
+            raise UserError(f"character folder {os.path.join(alphabet_dir, c)} does not end "
+                            "in a two-digit number like character01")
         label = int(c[-2:]) - 1
         if not 0 <= label < len(chars):
-            raise ValueError(f"character folder {os.path.join(alphabet_dir, c)} gives label "
-                             f"{label}, outside 0..{len(chars) - 1}: the folders of an alphabet "
-                             "must be numbered character01..characterK")
+            raise UserError(f"character folder {os.path.join(alphabet_dir, c)} gives label "
+                            f"{label}, outside 0..{len(chars) - 1}: the folders of an alphabet "
+                            "must be numbered character01..characterK")
         char_dir = os.path.join(alphabet_dir, c)
         files = [f for f in _visible_entries(char_dir) if f.lower().endswith(".png")]
         if not files:
-            raise ValueError(f"character folder {char_dir} holds no PNG images")
+            raise UserError(f"character folder {char_dir} holds no PNG images")
         items += [(os.path.join(char_dir, f), label) for f in files]
     return len(chars), items
 
@@ -126,7 +120,7 @@ def write_split_lists(root, seed=0, train_fraction=0.9):
     """Write the per-alphabet train/test lists, train_list.txt, test_list.txt and
     class_annotation.txt into root. Returns {alphabet: (classes, n_train, n_test)}."""
     if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+        raise UserError(f"train_fraction must be in (0, 1), got {train_fraction}")
     rng = random.Random(seed)
     summary, lines = {}, {"train": [], "test": [], "class": []}
     for alphabet, folder in find_alphabets(root):
@@ -137,13 +131,13 @@ def write_split_lists(root, seed=0, train_fraction=0.9):
             split = "train" if rng.random() < train_fraction else "test"
             parts[split].append(f"{rel} {label}\n")
         for split in SPLITS:
-            _write_text(os.path.join(root, f"{alphabet}_{split}.txt"), "".join(parts[split]))
+            atomic_write_text(os.path.join(root, f"{alphabet}_{split}.txt"), "".join(parts[split]))
             lines[split].append(f"{alphabet}_{split}.txt\n")
         lines["class"].append(f"{alphabet} {n_classes}\n")
         summary[alphabet] = (n_classes, len(parts["train"]), len(parts["test"]))
-    _write_text(os.path.join(root, "train_list.txt"), "".join(lines["train"]))
-    _write_text(os.path.join(root, "test_list.txt"), "".join(lines["test"]))
-    _write_text(os.path.join(root, "class_annotation.txt"), "".join(lines["class"]))
+    atomic_write_text(os.path.join(root, "train_list.txt"), "".join(lines["train"]))
+    atomic_write_text(os.path.join(root, "test_list.txt"), "".join(lines["test"]))
+    atomic_write_text(os.path.join(root, "class_annotation.txt"), "".join(lines["class"]))
     return summary
 
 
@@ -153,7 +147,7 @@ def _resolve(root, path):
 
 def _read_lines(path, root):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing. " + _how_to_prepare(root))
+        raise UserError(f"{path} is missing. " + _how_to_prepare(root))
     with open(path) as f:
         return [(i + 1, line.rstrip("\n")) for i, line in enumerate(f) if line.strip()]
 
@@ -165,7 +159,7 @@ def read_class_annotation(root):
     for number, line in _read_lines(path, root):
         parts = line.rsplit(" ", 1)
         if len(parts) != 2 or not parts[1].isdigit():
-            raise ValueError(f"{path} line {number}: expected '<Alphabet> <classes>', got {line!r}")
+            raise UserError(f"{path} line {number}: expected '<Alphabet> <classes>', got {line!r}")
         out.append((parts[0], int(parts[1])))
     return out
 
@@ -178,15 +172,15 @@ def read_split_lists(root, split):
     for number, entry in _read_lines(os.path.join(root, f"{split}_list.txt"), root):
         name = os.path.basename(entry)
         if not name.endswith(f"_{split}.txt"):
-            raise ValueError(f"{split}_list.txt line {number}: {entry!r} is not an "
-                             f"'<Alphabet>_{split}.txt' file")
+            raise UserError(f"{split}_list.txt line {number}: {entry!r} is not an "
+                            f"'<Alphabet>_{split}.txt' file")
         list_path = _resolve(root, entry)
         items = []
         for line_no, line in _read_lines(list_path, root):
             parts = line.rsplit(" ", 1)
             if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise ValueError(f"{list_path} line {line_no}: expected '<path> <label>', "
-                                 f"got {line!r}")
+                raise UserError(f"{list_path} line {line_no}: expected '<path> <label>', "
+                                f"got {line!r}")
             items.append((_resolve(root, parts[0]), int(parts[1])))
         out.append((name[:-len(f"_{split}.txt")], items))
     return out
@@ -194,11 +188,14 @@ def read_split_lists(root, split):
 
 def load_image(path, size=IMAGE_SIZE):
     """One image as the original reads it: PIL, one-bit mode, values {0, 1} as uint8 [H, W]."""
-    with Image.open(path) as img:
-        if img.size != (size, size):
-            raise ValueError(f"{path}: image is {img.size[0]}x{img.size[1]}, expected "
-                             f"{size}x{size} (Omniglot images are used at full size)")
-        return np.asarray(img.convert("1"), dtype=np.uint8)
+    try:
+        with Image.open(path) as img:
+            if img.size != (size, size):
+                raise UserError(f"{path}: image is {img.size[0]}x{img.size[1]}, expected "
+                                f"{size}x{size} (Omniglot images are used at full size)")
+            return np.asarray(img.convert("1"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path} is not a readable image ({e}): re-extract the data set") from None
 
 
 def _lists_fingerprint(root):
@@ -223,7 +220,11 @@ def cache_is_current(root):
     path = cache_path(root)
     if not os.path.exists(path):
         return False
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError:         # damaged (e.g. a copy cut short): rebuilt from the images
+        return False
+    with f:
         if f.attrs.get("version") != CACHE_VERSION:
             return False
         return f.attrs.get("lists_sha1") == _lists_fingerprint(root)
@@ -240,8 +241,7 @@ def build_cache(root, size=IMAGE_SIZE):
     tasks = [name for name, _ in classes]
     fingerprint = _lists_fingerprint(root)
     path = cache_path(root)
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["version"] = CACHE_VERSION
         f.attrs["image_size"] = size
         f.attrs["lists_sha1"] = fingerprint
@@ -249,15 +249,15 @@ def build_cache(root, size=IMAGE_SIZE):
         for split in SPLITS:
             lists = read_split_lists(root, split)
             if [name for name, _ in lists] != tasks:
-                raise ValueError(f"{split}_list.txt and class_annotation.txt name different "
-                                 "alphabets or orders. " + _how_to_prepare(root))
+                raise UserError(f"{split}_list.txt and class_annotation.txt name different "
+                                "alphabets or orders. " + _how_to_prepare(root))
             for (alphabet, items), (_, n_classes) in zip(lists, classes):
                 images = np.zeros((len(items), size, size), dtype=np.uint8)
                 labels = np.zeros(len(items), dtype=np.int64)
                 for i, (img_path, label) in enumerate(items):
                     if not 0 <= label < n_classes:
-                        raise ValueError(f"{img_path}: label {label} outside 0..{n_classes - 1} "
-                                         f"of alphabet {alphabet}. " + _how_to_prepare(root))
+                        raise UserError(f"{img_path}: label {label} outside 0..{n_classes - 1} "
+                                        f"of alphabet {alphabet}. " + _how_to_prepare(root))
                     images[i] = load_image(img_path, size)
                     labels[i] = label
                 g = f.create_group(f"{split}/{alphabet}")
@@ -268,7 +268,6 @@ def build_cache(root, size=IMAGE_SIZE):
                 else:  # a tiny alphabet may have no test image
                     g.create_dataset("images", data=images)
                 g.create_dataset("labels", data=labels)
-    os.replace(tmp, path)
     return path
 
 
@@ -301,8 +300,8 @@ class OmniglotData:
         classes = read_class_annotation(root)
         if not cache_is_current(root):
             if not build:
-                raise FileNotFoundError(f"{cache_path(root)} is missing or older than the "
-                                        "lists. " + _how_to_prepare(root))
+                raise UserError(f"{cache_path(root)} is missing or older than the "
+                                "lists. " + _how_to_prepare(root))
             build_cache(root)
         self.root, self.split, self.device = root, split, torch.device(device)
         self.tasks = [name for name, _ in classes]
@@ -342,8 +341,8 @@ class OmniglotData:
         """Next batch_size global indices of a task's shuffled pass (CPU long tensor)."""
         n = self.sizes[task]
         if not 1 <= batch_size <= n:
-            raise ValueError(f"batch_size must be in 1..{n} for task {task} ({self.tasks[task]} "
-                             f"has {n} {self.split} images), got {batch_size}")
+            raise UserError(f"batch_size must be in 1..{n} for task {task} ({self.tasks[task]} "
+                            f"has {n} {self.split} images), got {batch_size}")
         if self._order[task] is None or self._cursor[task] + batch_size > n:
             self._order[task] = torch.randperm(n, generator=generator) + int(self.offsets[task])
             self._cursor[task] = 0
@@ -417,10 +416,10 @@ class OmniglotData:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the seeded Omniglot train/test lists and "
-                                "the HDF5 image cache into the data folder.")
-    p.add_argument("--root", required=True,
-                   help="folder holding images_background/ and images_evaluation/")
+    p = ArgumentParser(description="Write the seeded Omniglot train/test lists and "
+                       "the HDF5 image cache into the data folder.")
+    p.add_argument("--root", default=DEFAULT_DATA_ROOT,
+                   help="folder holding images_background/ and images_evaluation/ (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the 90/10 split")
     p.add_argument("--train_fraction", type=float, default=0.9)
     args = p.parse_args(argv)
@@ -435,5 +434,7 @@ def main(argv=None):
           f"in {time.time() - start:.1f} s")
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -16,7 +16,10 @@ import glob
 import os
 import re
 
-REGULARIZERS = ("none", "tracenorm", "distance", "cosine")
+from Layers.TAL_pytorch import PAPER_REGULARIZERS
+from Training import UserError, atomic_append_text
+
+REGULARIZERS = ("none",) + PAPER_REGULARIZERS
 ORIGINAL_NAMES = {"NoVMTL": "none", "LowRank": "tracenorm", "Euclidean": "distance",
                   "Cosine": "cosine"}
 PREFIX = "Results-TAAN-Omniglot-"
@@ -64,36 +67,20 @@ def format_experiment(index, acc):
     return "Experiment {:d}, ACC: {:.4f}.\n".format(index, acc)
 
 
-def _append(path, text):
-    """Append text to a file atomically: old content + text into a temporary, then rename."""
-    old = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-        if old and not old.endswith("\n"):
-            old += "\n"
-    folder = os.path.dirname(path)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(old + text)
-    os.replace(path + ".tmp", path)
-
-
 def append_header(path, lam):
     """Start the block of one lambda ("---------------Lambda = 0.100000.---------------")."""
-    _append(path, format_header(lam))
+    atomic_append_text(path, format_header(lam))
 
 
 def append_experiment(path, index, acc):
     """Add one run ("Experiment 1, ACC: 0.8554."); index counts from 1, acc is a fraction."""
-    _append(path, format_experiment(index, acc))
+    atomic_append_text(path, format_experiment(index, acc))
 
 
 def parse_results(path):
     """{lambda: [accuracy, ...]} of one result file (accuracies as fractions, file order)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"result file {path} does not exist")
+        raise UserError(f"result file {path} does not exist")
     out, lam = {}, None
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -106,12 +93,12 @@ def parse_results(path):
                 out.setdefault(lam, [])
             elif experiment:
                 if lam is None:
-                    raise ValueError(f"{path} line {number}: an Experiment line before any "
-                                     "'Lambda = ...' header")
+                    raise UserError(f"{path} line {number}: an Experiment line before any "
+                                    "'Lambda = ...' header")
                 out[lam].append(float(experiment.group(2)))
             else:
-                raise ValueError(f"{path} line {number}: expected a '---Lambda = x.---' header "
-                                 f"or 'Experiment n, ACC: a.', got {line!r}")
+                raise UserError(f"{path} line {number}: expected a '---Lambda = x.---' header "
+                                f"or 'Experiment n, ACC: a.', got {line!r}")
     return out
 
 
@@ -122,7 +109,8 @@ def load_results_dir(results_dir):
     read as none, tracenorm, distance, cosine; other names are skipped.
     """
     if not os.path.isdir(results_dir):
-        raise FileNotFoundError(f"results folder {results_dir} does not exist")
+        raise UserError(f"results folder {results_dir} does not exist: run the Omniglot lambda sweep "
+                        "(python -m Omniglot.Evaluation_TAAN) first, or pass --results_dir")
     out = {}
     for path in sorted(glob.glob(os.path.join(results_dir, PREFIX + "*.txt"))):
         name = os.path.basename(path)[len(PREFIX):-len(".txt")]

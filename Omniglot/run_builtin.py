@@ -1,24 +1,24 @@
 """The Omniglot main job on built-in SYNTHETIC data: a short lambda sweep, end to end.
 
-    python Omniglot/run_builtin.py                   # a few minutes on two CPU cores
-    python Omniglot/run_builtin.py --resume          # continue an interrupted job
-    python Omniglot/run_builtin.py --alphabets 50 --drawers 20 --lambdas 0.1 0.2 0.3 0.4 \\
+    python -m Omniglot.run_builtin                   # a few minutes on two CPU cores
+    python -m Omniglot.run_builtin --resume          # continue an interrupted job
+    python -m Omniglot.run_builtin --alphabets 50 --drawers 20 --lambdas 0.1 0.2 0.3 0.4 \\
         --repeats 5 --num_iter 2000 --out results/omniglot_big --data_root data/omniglot_big
 
-1. creates a small synthetic Omniglot-format set (Omniglot/synthetic.py) in --data_root
+1. creates a small synthetic Omniglot-format set (Omniglot.synthetic) in --data_root
    unless one is there: by default 10 alphabets (not 50) with 14-55 characters each, drawn
    by 10 drawers (not 20), so that one training step is cheap;
-2. runs the lambda sweep of the paper's figure (Omniglot/Evaluation_TAAN.py) for the four
+2. runs the lambda sweep of the paper's figure (Omniglot.Evaluation_TAAN) for the four
    regularisers none / tracenorm / distance / cosine, with a short schedule (by default
    lambdas 0.1 and 0.3, 2 runs each, 100 iterations, test every 20, lr 1e-3 instead of the
    paper's 1e-5, since the paper's schedule takes hours per run);
 3. reads the result files back and draws test accuracy against lambda
-   (Omniglot/Figure_wrt_Lambda.py, PNG and PDF), and the task distance matrices of the
+   (Omniglot.Figure_wrt_Lambda, PNG and PDF), and the task distance matrices of the
    first run without a regulariser and with the distance regulariser at the largest lambda
-   (Omniglot/visualization_full.py);
+   (Omniglot.visualization_full);
 4. prints mean +- std of the best test accuracy per regulariser and lambda.
 
-Files (in --out, default results/omniglot/):
+Files (in --out, default results/omniglot_builtin/ under the project's home folder):
   Results-TAAN-Omniglot-<reg>.txt   the sweep's lines, in the original's format
   lambda.png, lambda.pdf            accuracy against lambda
   matrices/                         task distance matrices (PNG and PDF)
@@ -33,7 +33,6 @@ kept, an interrupted run continues from its last evaluation, and nothing is writ
 These are synthetic images, not handwriting: the numbers check the pipeline and show how
 to read the figure; they are not comparable with the paper's.
 """
-import argparse
 import json
 import os
 import shutil
@@ -42,9 +41,7 @@ import time
 from Omniglot import Evaluation_TAAN, Figure_wrt_Lambda, results, visualization_full
 from Omniglot.synthetic import MARKER, ensure_builtin_data
 from Omniglot.train import load_data
-from Training import atomic_write_text, resolve_device
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from Training import ArgumentParser, UserError, atomic_write_json, default_path, entry_point, resolve_device
 SETTINGS_NAME = "run_builtin.json"
 DATA_KEYS = ("alphabets", "drawers", "min_chars", "max_chars", "data_seed")
 SWEEP_KEYS = ("regularizers", "lambdas", "repeats", "num_iter", "test_interval", "early_stop", "lr",
@@ -52,12 +49,12 @@ SWEEP_KEYS = ("regularizers", "lambdas", "repeats", "num_iter", "test_interval",
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Short Omniglot lambda sweep on built-in synthetic data "
+    p = ArgumentParser(description="Short Omniglot lambda sweep on built-in synthetic data "
                                 "(all four regularisers), with the figure and a summary table.")
-    p.add_argument("--data_root", default=os.path.join(ROOT, "data", "omniglot_builtin"),
+    p.add_argument("--data_root", default=default_path("data", "omniglot_builtin"),
                    help="data folder; the synthetic set is created there when it holds no images "
                         "(default %(default)s)")
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "omniglot"),
+    p.add_argument("--out", default=default_path("results", "omniglot_builtin"),
                    help="results folder (default %(default)s)")
     g = p.add_argument_group("synthetic data (used when it is created)")
     g.add_argument("--alphabets", type=int, default=10, help="alphabets = tasks (default 10; real set 50)")
@@ -96,15 +93,15 @@ def prepare_out(args):
     settings = job_settings(args)
     if args.resume:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume: no earlier job in {args.out} ({SETTINGS_NAME} is missing); "
-                                    "run without --resume to start one")
+            raise UserError(f"--resume: no earlier job in {args.out} ({SETTINGS_NAME} is missing); "
+                            "run without --resume to start one")
         with open(path) as f:
             old = json.load(f)
         changed = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if changed:
-            raise ValueError(f"--resume: the job in {args.out} was run with other settings "
-                             f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in changed.items())}); "
-                             "give the same flags, or run without --resume to start afresh")
+            raise UserError(f"--resume: the job in {args.out} was run with other settings "
+                            f"({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in changed.items())}); "
+                            "give the same flags, or run without --resume to start afresh")
         return
     removed = [results.results_path(args.out, reg) for reg in results.REGULARIZERS]
     removed = [f for f in removed if os.path.isfile(f)]
@@ -116,7 +113,7 @@ def prepare_out(args):
     if removed:
         print(f"New job: removed the previous job's files in {args.out} "
               f"({', '.join(os.path.basename(f) for f in removed)}); use --resume to continue a job instead")
-    atomic_write_text(path, json.dumps(settings, indent=1))
+    atomic_write_json(path, settings)
 
 
 def sweep_argv(args, reg):
@@ -204,5 +201,7 @@ def main(argv=None):
     return {"table": table, "figure": figure, "matrices": matrices}
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -22,9 +22,8 @@ Everything is seeded, and the default set (50 alphabets, 20 drawers, ~32k images
 seconds. These are synthetic images, not handwriting: use them to check the pipeline,
 not to compare accuracies with the paper.
 
-    python Omniglot/synthetic.py --root data/omniglot_synthetic [--alphabets 50] [--drawers 20]
+    python -m Omniglot.synthetic --root data/omniglot_synthetic [--alphabets 50] [--drawers 20]
 """
-import argparse
 import json
 import os
 import shutil
@@ -34,25 +33,26 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
-IMAGE_SIZE = 105
-SPLIT_FOLDERS = ("images_background", "images_evaluation")
+from Omniglot.dataTools import IMAGE_SIZE, SPLIT_FOLDERS
+from Training import ArgumentParser, UserError, atomic_write_json, entry_point
+
 MARKER = "SYNTHETIC.json"
 DEFAULTS = dict(alphabets=50, drawers=20, min_chars=14, max_chars=55, seed=0)
 
 
 def _check_settings(alphabets, drawers, min_chars, max_chars, seed):
     if alphabets < 1:
-        raise ValueError(f"alphabets must be at least 1, got {alphabets}")
+        raise UserError(f"alphabets must be at least 1, got {alphabets}")
     if not 1 <= drawers <= 99:
-        raise ValueError(f"drawers must be in 1..99 (two-digit file names), got {drawers}")
+        raise UserError(f"drawers must be in 1..99 (two-digit file names), got {drawers}")
     if not 1 <= min_chars <= max_chars <= 99:
-        raise ValueError("need 1 <= min_chars <= max_chars <= 99 (two-digit character folders), "
-                         f"got min_chars={min_chars}, max_chars={max_chars}")
+        raise UserError("need 1 <= min_chars <= max_chars <= 99 (two-digit character folders), "
+                        f"got min_chars={min_chars}, max_chars={max_chars}")
     if alphabets * max_chars > 9999:
-        raise ValueError(f"{alphabets} alphabets x {max_chars} characters exceeds the 4-digit "
-                         "file numbering (9999 characters)")
+        raise UserError(f"{alphabets} alphabets x {max_chars} characters exceeds the 4-digit "
+                        "file numbering (9999 characters)")
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise UserError(f"seed must be non-negative, got {seed}")
 
 
 def _bezier(ctrl, n=16):
@@ -129,8 +129,8 @@ def generate(root, alphabets=50, drawers=20, min_chars=14, max_chars=55, seed=0)
     os.makedirs(root, exist_ok=True)
     for folder in SPLIT_FOLDERS:
         if os.path.exists(os.path.join(root, folder)):
-            raise FileExistsError(f"{os.path.join(root, folder)} already exists; delete it or "
-                                  "choose another --root to generate a new synthetic set")
+            raise UserError(f"{os.path.join(root, folder)} already exists; delete it or "
+                            "choose another --root to generate a new synthetic set")
     settings = dict(alphabets=alphabets, drawers=drawers, min_chars=min_chars,
                     max_chars=max_chars, seed=seed)
     n_chars = np.random.default_rng([seed]).integers(min_chars, max_chars + 1, size=alphabets)
@@ -159,10 +159,7 @@ def generate(root, alphabets=50, drawers=20, min_chars=14, max_chars=55, seed=0)
         shutil.rmtree(tmp, ignore_errors=True)
     info = dict(settings, characters=int(n_chars.sum()), images=int(n_chars.sum()) * drawers,
                 background_alphabets=n_background)
-    marker = os.path.join(root, MARKER)
-    with open(marker + ".tmp", "w") as f:
-        json.dump(info, f, indent=1)
-    os.replace(marker + ".tmp", marker)
+    atomic_write_json(os.path.join(root, MARKER), info)
     return info
 
 
@@ -185,13 +182,13 @@ def ensure_builtin_data(root, alphabets=50, drawers=20, min_chars=14, max_chars=
             made = json.load(f)
         old = {k: made.get(k) for k in settings}
         if old != settings:
-            raise ValueError(f"{root} holds a synthetic set generated with {old}, not {settings}; "
-                             "use another root folder or delete this one")
+            raise UserError(f"{root} holds a synthetic set generated with {old}, not {settings}; "
+                            "use another root folder or delete this one")
     return root
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate the synthetic Omniglot-format data set.")
+    p = ArgumentParser(description="Generate the synthetic Omniglot-format data set.")
     p.add_argument("--root", required=True, help="folder to create images_background/ and "
                    "images_evaluation/ in")
     p.add_argument("--alphabets", type=int, default=DEFAULTS["alphabets"])
@@ -209,8 +206,10 @@ def main(argv=None):
     print(f"synthetic Omniglot: {info['alphabets']} alphabets ({info['background_alphabets']} in "
           f"images_background), {info['characters']} characters, {info['images']} images "
           f"written to {args.root} in {time.time() - start:.1f} s")
-    print(f"next: python Omniglot/dataTools.py --root {args.root}")
+    print(f"next: python -m Omniglot.dataTools --root {args.root}")
 
+
+cli = entry_point(main)
 
 if __name__ == "__main__":
-    main()
+    cli()

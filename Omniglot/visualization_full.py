@@ -1,6 +1,6 @@
 """Task-relation matrices of saved Omniglot TAAN models, one panel per layer.
 
-    python Omniglot/visualization_full.py --models runs/omniglot_models --out results/omniglot_matrices
+    python -m Omniglot.visualization_full --models runs/omniglot_models --out results/omniglot_matrices
 
 Finds every run folder under --models that holds config.json and model_params.pt (as
 written by `train.py --saveto` or `Evaluation_TAAN.py --save_models`), rebuilds the TAAN
@@ -12,16 +12,16 @@ network and draws, for each of its five TAL layers (conv1..conv4, dense1), the T
 of the alphabets' activation functions f_t (closed forms of `Layers.TAL_pytorch`), with the
 alphabet names on the axes. Writes OUT/<reg>-<run folder>-<matrix>.png and .pdf.
 """
-import argparse
 import json
 import os
 
 from matplotlib.figure import Figure
 import torch
 
+from Layers.TAL_pytorch import C0_ORIGINAL
 from Omniglot.TAAN import TAAN
 from Omniglot.train import BEST_NAME, CONFIG_NAME
-from Training import atomic_savefig, load_checkpoint
+from Training import ArgumentParser, UserError, atomic_savefig, entry_point, load_checkpoint
 
 MATRICES = ("distance", "cosine")
 
@@ -29,9 +29,9 @@ MATRICES = ("distance", "cosine")
 def find_runs(folder):
     """Sorted run folders under `folder` (itself included) with a config and a best model."""
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"model folder {folder} does not exist; train with "
-                                "`python Omniglot/train.py --saveto DIR` or run "
-                                "`python Omniglot/Evaluation_TAAN.py --save_models DIR` first")
+        raise UserError(f"model folder {folder} does not exist; train with "
+                        "`python -m Omniglot.train --saveto DIR` or run "
+                        "`python -m Omniglot.Evaluation_TAAN --save_models DIR` first")
     runs = [d for d, _, files in os.walk(folder) if CONFIG_NAME in files and BEST_NAME in files]
     return sorted(runs)
 
@@ -43,7 +43,7 @@ def load_model(run_dir):
     if config.get("model", "taan") != "taan":
         return None, config
     model = TAAN(config["num_classes"], basis=config["basis"], regularize=config.get("layer_regularize"),
-                 c0=config.get("c0", 0.4))
+                 c0=config.get("c0", C0_ORIGINAL))
     load_checkpoint(os.path.join(run_dir, BEST_NAME), {"model": model})
     return model.eval(), config
 
@@ -83,7 +83,7 @@ def plot_matrices(mats, names, title, out_prefix):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Draw the per-layer task distance (or cosine) matrices of "
+    p = ArgumentParser(description="Draw the per-layer task distance (or cosine) matrices of "
                                 "saved Omniglot TAAN models.")
     p.add_argument("--models", required=True, help="folder searched for run folders (config.json + model_params.pt)")
     p.add_argument("--out", required=True, help="folder for the images")
@@ -92,7 +92,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     runs = find_runs(args.models)
     if not runs:
-        raise FileNotFoundError(f"no run folder with {CONFIG_NAME} and {BEST_NAME} under {args.models}")
+        raise UserError(f"no run folder with {CONFIG_NAME} and {BEST_NAME} under {args.models}")
     kinds = MATRICES if args.matrix == "both" else (args.matrix,)
     written = []
     for run in runs:
@@ -111,5 +111,7 @@ def main(argv=None):
     return written
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,22 +1,27 @@
-"""Training utilities shared by the experiments' trainers (built on pytorch-ignite).
+"""What both experiments share, on pytorch-ignite.
 
-- runtime: device choice (`resolve_device`), seeding, parameter count, boolean flags;
+- trainer: the trainer core (`Experiment`, `Dataflow`, `run`): engines, progress, early
+  stopping, checkpoints, resume, config file, distributed set-up;
+- checkpoint: atomic best-model and training-state checkpoints, reading them with clear errors;
 - metrics: mAP@K as a function (`map_at_k`) and as an Ignite metric (`MultiTaskMAPAtK`);
-- checkpoint: atomic best-model and training-state checkpoints, resuming, clear errors;
-- handlers: early stopping, progress bars, launching through `ignite.distributed`;
-- atomic: result files written through a temporary file and `os.replace`.
+- cli: the user-error type, one-line errors, the entry-point wrapper, boolean flags;
+- runtime: default folders, device choice, seeding, parameter count;
+- atomic: every file written through a temporary file and `os.replace`.
 """
-from .atomic import atomic_savefig, atomic_savetxt, atomic_write_text
+from .atomic import (atomic_append_text, atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_save,
+                     atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries)
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
-                         read_checkpoint, resolve_resume, training_state_checkpoint)
-from .handlers import attach_early_stopping, attach_progress_bar, distributed_backend, launch, metric_score
+                         read_checkpoint, resolve_resume, restore, training_state_checkpoint)
+from .cli import ArgumentParser, UserError, add_bool_argument, entry_point, split_glued_booleans, str2bool
 from .metrics import MultiTaskMAPAtK, ap_at_k_sum, map_at_k
-from .runtime import (add_bool_argument, count_parameters, resolve_device, seed_everything, split_glued_booleans,
-                      str2bool)
+from .runtime import count_parameters, default_path, project_home, resolve_device, seed_everything
+from .trainer import Dataflow, Experiment, Run, add_run_arguments, run
 
-__all__ = ['atomic_savefig', 'atomic_savetxt', 'atomic_write_text', 'CheckpointError', 'RNGState',
-           'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints', 'read_checkpoint', 'resolve_resume',
-           'training_state_checkpoint', 'attach_early_stopping', 'attach_progress_bar', 'distributed_backend',
-           'launch', 'metric_score', 'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
-           'add_bool_argument', 'count_parameters', 'resolve_device', 'seed_everything', 'split_glued_booleans',
-           'str2bool']
+__all__ = ['atomic_append_text', 'atomic_path', 'atomic_savefig', 'atomic_savetxt', 'atomic_torch_save',
+           'atomic_write', 'atomic_write_json', 'atomic_write_text', 'remove_stale_temporaries',
+           'CheckpointError', 'RNGState', 'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints',
+           'read_checkpoint', 'resolve_resume', 'restore', 'training_state_checkpoint',
+           'ArgumentParser', 'UserError', 'add_bool_argument', 'entry_point', 'split_glued_booleans', 'str2bool',
+           'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
+           'count_parameters', 'default_path', 'project_home', 'resolve_device', 'seed_everything',
+           'Dataflow', 'Experiment', 'Run', 'add_run_arguments', 'run']

@@ -1,17 +1,37 @@
 """Files written atomically: a temporary file in the same folder, then `os.replace`, so a
-reader (or a crash) never sees a half-written file."""
+reader (or a crash) never sees a half-written file. Every file this project writes goes
+through here.
+
+The temporary file of `path` is `.{name}.{pid}.tmp` beside it. A process killed while
+writing leaves it behind; `remove_stale_temporaries(folder)` (called by the trainers when
+they start) removes those whose process is gone.
+"""
+import contextlib
+import json
 import os
+import re
 
 import numpy as np
+import torch
+
+_TEMPORARY = re.compile(r'^\.(.+)\.(\d+)\.tmp$')
 
 
-def _atomic(path, write):
+def temporary_path(path):
+    """Where `path` is written before it is renamed (same folder, so os.replace is atomic)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """`with atomic_path(p) as tmp:` write the file `tmp`; on success it becomes `p`, on an
+    exception it is removed and `p` is left as it was."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temporary_path(path)
     try:
-        write(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -19,19 +39,72 @@ def _atomic(path, write):
         raise
 
 
+def atomic_write(path, write):
+    """Call `write(tmp)` to write the file, then rename it to `path`."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
 def atomic_write_text(path, text):
     def write(tmp):
-        with open(tmp, 'w') as f:
+        with open(tmp, 'w', encoding='utf-8') as f:
             f.write(text)
-    _atomic(path, write)
+    atomic_write(path, write)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
+
+
+def atomic_append_text(path, text):
+    """Append `text` to a text file atomically: old content (with a final newline) + text."""
+    old = ''
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            old = f.read()
+        if old and not old.endswith('\n'):
+            old += '\n'
+    atomic_write_text(path, old + text)
 
 
 def atomic_savetxt(path, values, **kwargs):
     """np.savetxt(path, values) written atomically (a scalar becomes one line)."""
-    _atomic(path, lambda tmp: np.savetxt(tmp, np.atleast_1d(np.asarray(values, dtype=np.float64)), **kwargs))
+    atomic_write(path, lambda tmp: np.savetxt(tmp, np.atleast_1d(np.asarray(values, dtype=np.float64)), **kwargs))
 
 
 def atomic_savefig(fig, path, **kwargs):
     """fig.savefig(path) written atomically (the format follows the file extension)."""
     fmt = os.path.splitext(os.fspath(path))[1].lstrip('.') or None
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+
+
+def atomic_torch_save(obj, path):
+    """torch.save(obj, path) written atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files of killed writers in `folder` (those whose process is
+    gone). Returns the names removed."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in os.listdir(folder):
+        match = _TEMPORARY.match(name)
+        if match and not _process_alive(int(match.group(2))):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path):
+                continue
+            os.remove(path)
+            removed.append(name)
+    return removed

@@ -1,4 +1,4 @@
-"""Checkpoints with Ignite's `Checkpoint` + `DiskSaver` (atomic writes), and resuming.
+"""Checkpoints with Ignite's `Checkpoint` (written atomically through `Training.atomic`), and resuming.
 
 Two files per run, both under fixed names so that a new save replaces the old one in a
 single `os.replace` (a crash never leaves a half-written file or no file at all):
@@ -15,21 +15,31 @@ clear error that names the file.
 import os
 import random
 
+import ignite.distributed as idist
 import numpy as np
 import torch
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
+from ignite.handlers.checkpoint import BaseSaveHandler
+
+from .atomic import atomic_torch_save
+from .cli import UserError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint file that cannot be used (truncated, corrupt or of another kind)."""
 
 
-class ReplacingDiskSaver(DiskSaver):
-    """DiskSaver for fixed file names: the next save replaces the file atomically, so the
-    old file is never deleted first (Ignite deletes it before saving the new one)."""
+class ReplacingSaver(BaseSaveHandler):
+    """Save handler for fixed file names: rank 0 writes `dirname/filename` atomically, so
+    the next save replaces the file in one step and the old one is never deleted first
+    (Ignite removes a replaced checkpoint before writing its successor)."""
 
     def __init__(self, dirname):
-        super().__init__(dirname, atomic=True, create_dir=True, require_empty=False)
+        self.dirname = os.fspath(dirname)
+
+    def __call__(self, checkpoint, filename, metadata=None):
+        if idist.get_rank() == 0:
+            atomic_torch_save(checkpoint, os.path.join(self.dirname, filename))
 
     def remove(self, filename):
         pass
@@ -63,14 +73,14 @@ class RNGState:
 def best_model_checkpoint(dirname, model, filename, score_function, score_name='score'):
     """Keep the model with the highest `score_function(engine)` as `dirname/filename`
     (a plain state_dict of the model). Saved by rank 0 only."""
-    return Checkpoint({'model': model}, ReplacingDiskSaver(dirname), score_function=score_function,
+    return Checkpoint({'model': model}, ReplacingSaver(dirname), score_function=score_function,
                       score_name=score_name, n_saved=1, filename_pattern=filename)
 
 
 def training_state_checkpoint(dirname, objects, filename):
     """Save `objects` (name -> object with state_dict) as `dirname/filename` each time the
     handler is called. Saved by rank 0 only."""
-    return Checkpoint(objects, ReplacingDiskSaver(dirname), n_saved=1, filename_pattern=filename)
+    return Checkpoint(objects, ReplacingSaver(dirname), n_saved=1, filename_pattern=filename)
 
 
 def make_checkpoints(dirname, model, objects, best_filename, state_filename, score_function):
@@ -85,7 +95,8 @@ def read_checkpoint(path):
     """torch.load a checkpoint file (weights only) with clear errors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint {path} does not exist')
+        raise UserError(f'checkpoint {path} does not exist: check the path (a run with --saveto DIR writes its '
+                        'checkpoints into DIR)')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
@@ -97,9 +108,9 @@ def read_checkpoint(path):
                               'Delete it, or pass another checkpoint file.') from None
 
 
-def load_checkpoint(path, objects):
-    """Restore every object in `objects` (name -> object with load_state_dict) from `path`."""
-    state = read_checkpoint(path)
+def restore(path, state, objects):
+    """Load every object in `objects` (name -> object with load_state_dict) from the
+    checkpoint `state` read from `path`."""
     if len(objects) > 1:
         missing = [name for name in objects if not isinstance(state, dict) or name not in state]
         if missing:
@@ -110,6 +121,12 @@ def load_checkpoint(path, objects):
     except Exception as e:
         raise CheckpointError(f'checkpoint {os.fspath(path)} does not fit this run ({type(e).__name__}: {e}). '
                               'Delete it, or pass the checkpoint of a run with the same settings.') from None
+
+
+def load_checkpoint(path, objects):
+    """Restore every object in `objects` (name -> object with load_state_dict) from `path`."""
+    state = read_checkpoint(path)
+    restore(path, state, objects)
     return state
 
 
@@ -122,9 +139,9 @@ def resolve_resume(resume, default_path):
         return None
     if resume == 'auto':
         if default_path is None:
-            raise ValueError('--resume auto needs an output folder (--saveto DIR) to look for the training state')
+            raise UserError('--resume auto needs an output folder (--saveto DIR) to look for the training state')
         return default_path if os.path.isfile(default_path) else None
     if not os.path.isfile(resume):
-        raise FileNotFoundError(f'--resume {resume}: no such checkpoint file (use --resume auto to resume '
-                                'from the output folder when a training state is there)')
+        raise UserError(f'--resume {resume}: no such checkpoint file (use --resume auto to resume '
+                        'from the output folder when a training state is there)')
     return resume

@@ -1,44 +1,29 @@
-"""Device choice, seeding, parameter count and the boolean command-line flags."""
-import argparse
+"""Where the default data and results live, device choice, seeding, parameter count."""
+import os
 
 import torch
 from ignite.utils import manual_seed
 
-BOOL_WORDS = {'true': True, '1': True, 'yes': True, 'y': True, 'on': True,
-              'false': False, '0': False, 'no': False, 'n': False, 'off': False}
+from .cli import UserError
 
 
-def str2bool(text):
-    """'true/false/1/0/yes/no/on/off' (any case) -> bool; anything else is an argparse error."""
-    if isinstance(text, bool):
-        return text
-    value = BOOL_WORDS.get(str(text).strip().lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f'expected a boolean (true/false/1/0/yes/no), got {text!r}')
-    return value
+def project_home():
+    """The folder under which the default `data/` and `results/` folders live, whatever the
+    current folder: $TAAN_HOME when set; else the source checkout the packages are
+    imported from (an editable install or a clone: the folder holding pyproject.toml);
+    else ~/taan (a regular install into site-packages)."""
+    home = os.environ.get('TAAN_HOME')
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(checkout, 'pyproject.toml')):
+        return checkout
+    return os.path.join(os.path.expanduser('~'), 'taan')
 
 
-def add_bool_argument(parser, name, default=False, help=''):
-    """`--name` alone means True; `--name true|false|1|0|yes|no` sets the value."""
-    parser.add_argument(name, nargs='?', const=True, default=default, type=str2bool,
-                        metavar='BOOL', help=f'{help} (true/false; a bare flag means true; default {default})')
-
-
-def split_glued_booleans(argv, option_names):
-    """Split tokens like 'False--mrn_constant' into 'False', '--mrn_constant'.
-
-    A shell line ending in 'False\\' followed by a line starting with '--flag' (as in some
-    published command lines) reaches the program as one glued token. A token is split only
-    when its head is a boolean word and its tail is a known option, so nothing else changes.
-    """
-    out = []
-    for token in argv:
-        head, sep, tail = token.partition('--')
-        if sep and head and head.lower() in BOOL_WORDS and ('--' + tail.split('=')[0]) in option_names:
-            out += [head, '--' + tail]
-        else:
-            out.append(token)
-    return out
+def default_path(*parts):
+    """project_home()/parts..., e.g. default_path('data', 'omniglot')."""
+    return os.path.join(project_home(), *parts)
 
 
 def resolve_device(device='auto', gpu=None, local_rank=0):
@@ -64,19 +49,19 @@ def resolve_device(device='auto', gpu=None, local_rank=0):
         return torch.device('cpu')
     if device == 'cuda' or device.startswith('cuda:'):
         if not cuda:
-            raise ValueError(f'--device {device}: CUDA is not available on this machine; '
-                             'use --device cpu (or auto)')
+            raise UserError(f'--device {device}: CUDA is not available on this machine; '
+                            'use --device cpu (or auto)')
         index = local_rank if device == 'cuda' else device.split(':', 1)[1]
         try:
             index = int(index)
         except ValueError:
-            raise ValueError(f'bad CUDA device {device!r}: the index must be an integer, e.g. cuda:0 '
-                             '(for several GPUs launch one process per GPU with torchrun)') from None
+            raise UserError(f'bad CUDA device {device!r}: the index must be an integer, e.g. cuda:0 '
+                            '(for several GPUs launch one process per GPU with torchrun)') from None
         if not 0 <= index < torch.cuda.device_count():
-            raise ValueError(f'CUDA device {index} does not exist: this machine has '
-                             f'{torch.cuda.device_count()} GPU(s) (0..{torch.cuda.device_count() - 1})')
+            raise UserError(f'CUDA device {index} does not exist: this machine has '
+                            f'{torch.cuda.device_count()} GPU(s) (0..{torch.cuda.device_count() - 1})')
         return torch.device('cuda', index)
-    raise ValueError(f'unknown device {device!r}: use auto, cpu, cuda or cuda:N')
+    raise UserError(f'unknown device {device!r}: use auto, cpu, cuda or cuda:N')
 
 
 def seed_everything(seed):

@@ -1,6 +1,6 @@
 """Task relations learned by a trained TAAN: heat maps and spectral clusters of the tasks.
 
-    python Youtube8M/Visualizer.py --checkpoint results/TAAN/TAAN.pth --clusters 3
+    python -m Youtube8M.Visualizer --checkpoint results/TAAN/TAAN.pth --clusters 3
 
 For every TAL layer of the model, with f_t the activation function of task t:
 
@@ -18,7 +18,6 @@ Files in --out (default: the checkpoint's folder):
 The checkpoint is the best-model file written by Trainer.py ({saveto}/TAAN.pth); the
 settings to rebuild the model are read from {saveto}/TAAN-config.json next to it.
 """
-import argparse
 import json
 import os
 
@@ -27,30 +26,26 @@ import numpy as np
 from sklearn.cluster import SpectralClustering
 
 from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix
-from Training import atomic_savefig, atomic_write_text, load_checkpoint
-from Youtube8M.data import read_task_names
+from Training import ArgumentParser, UserError, atomic_savefig, atomic_write_text, entry_point, load_checkpoint
+from Youtube8M.data import TASKS, read_task_names
 from Youtube8M.models import build_model
 
-CATEGORIES = ['Arts & Entertainment', 'Games', 'Autos & Vehicles', 'Sports', 'Food & Drink',
-              'Computers & Electronics', 'Business & Industrial', 'Pets & Animals', 'Hobbies & Leisure',
-              'Beauty & Fitness', 'Shopping', 'Internet & Telecom', 'Home & Garden', 'Science', 'Travel',
-              'Law & Government']
 
 
 def load_taan(checkpoint):
     """(model, config) from a best-model file of Trainer.py and its {model}-config.json."""
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f'checkpoint {checkpoint} does not exist (Trainer.py --model TAAN --saveto DIR '
-                                'writes DIR/TAAN.pth)')
+        raise UserError(f'checkpoint {checkpoint} does not exist (Trainer.py --model TAAN --saveto DIR '
+                        'writes DIR/TAAN.pth)')
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f'{stem}-config.json')
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f'{config_path} not found: it is written by Youtube8M/Trainer.py next to the best '
-                                'model and holds the settings needed to rebuild it')
+        raise UserError(f'{config_path} not found: it is written by Youtube8M/Trainer.py next to the best '
+                        'model and holds the settings needed to rebuild it')
     with open(config_path) as f:
         config = json.load(f)
     if config.get('model') != 'TAAN':
-        raise ValueError(f'{checkpoint} is a {config.get("model")} model: the visualiser needs a TAAN checkpoint')
+        raise UserError(f'{checkpoint} is a {config.get("model")} model: the visualiser needs a TAAN checkpoint')
     model = build_model('TAAN', config['in_features'], config['hidden_feature'], config['num_classes'],
                         basis=config['basis'], regularize=config['regularize'])
     load_checkpoint(checkpoint, {'model': model})
@@ -65,7 +60,7 @@ def task_labels(num_tasks, data_path=None, config=None):
     names = (config or {}).get('tasks')
     if isinstance(names, list) and len(names) == num_tasks and not str(names[0]).startswith('task '):
         return names
-    return CATEGORIES if num_tasks == len(CATEGORIES) else [f'task {t}' for t in range(num_tasks)]
+    return TASKS if num_tasks == len(TASKS) else [f'task {t}' for t in range(num_tasks)]
 
 
 def layer_matrices(model):
@@ -116,7 +111,7 @@ def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
     matrices = layer_matrices(model)
     T = matrices[0][0].shape[0]
     if not 1 <= clusters <= T:
-        raise ValueError(f'--clusters must be between 1 and the number of tasks ({T}), got {clusters}')
+        raise UserError(f'--clusters must be between 1 and the number of tasks ({T}), got {clusters}')
     names = task_labels(T, data_path or config.get('data_path'), config)
     out = out or os.path.dirname(os.path.abspath(checkpoint))
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
@@ -144,7 +139,7 @@ def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Heat maps and spectral clusters of the tasks of a trained TAAN.')
+    p = ArgumentParser(description='Heat maps and spectral clusters of the tasks of a trained TAAN.')
     p.add_argument('--checkpoint', required=True, help='best-model file written by Trainer.py (DIR/TAAN.pth)')
     p.add_argument('--data_path', default=None, help='data folder with tasks.json for the task names '
                    '(default: the one used for training)')
@@ -156,5 +151,7 @@ def main(argv=None):
     return result
 
 
+cli = entry_point(main)
+
 if __name__ == '__main__':
-    main()
+    cli()

@@ -28,10 +28,10 @@ datasets, so memory does not grow with the split. Every file is written under a 
 name and renamed when complete.
 
 Usage:
-  python Youtube8M/data.py --vocabulary vocabulary.csv \
+  python -m Youtube8M.data --vocabulary vocabulary.csv \
       --train 'yt8m/train*.tfrecord' --valid 'yt8m/validate*.tfrecord' --out data/youtube8m
 """
-import argparse
+import contextlib
 import csv
 import glob
 import json
@@ -44,6 +44,8 @@ from tfrecord import example_pb2
 from tfrecord.reader import tfrecord_iterator
 from tqdm import tqdm
 
+from Training import ArgumentParser, UserError, atomic_path, atomic_write_json, default_path, entry_point
+
 TASKS = [
     "Arts & Entertainment", "Games", "Autos & Vehicles", "Sports",
     "Food & Drink", "Computers & Electronics", "Business & Industrial", "Pets & Animals",
@@ -54,18 +56,12 @@ RGB_SIZE, AUDIO_SIZE = 1024, 128
 FEATURE_SIZE = RGB_SIZE + AUDIO_SIZE
 SPLITS = ("train", "valid", "test")
 VOCABULARY_COLUMNS = ("Index", "Name", "Vertical1")
+DEFAULT_DATA_PATH = default_path("data", "youtube8m")
 
 
 def task_file(data_dir, split, task):
     """Path of the HDF5 file of one (split, task)."""
     return os.path.join(data_dir, "%s_task_%d.hdf5" % (split, task))
-
-
-def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class Vocabulary:
@@ -78,19 +74,18 @@ class Vocabulary:
 
     def __init__(self, path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(
-                "vocabulary file %r not found: pass the vocabulary.csv of the Youtube-8M "
-                "release with --vocabulary" % path)
+            raise UserError("vocabulary file %r not found: pass the vocabulary.csv of the Youtube-8M "
+                            "release with --vocabulary" % path)
         with open(path, newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
         missing = [c for c in VOCABULARY_COLUMNS if not rows or c not in rows[0]]
         if missing:
-            raise ValueError("vocabulary file %r has no column(s) %s (expected the Youtube-8M "
-                             "vocabulary.csv header)" % (path, ", ".join(missing)))
+            raise UserError("vocabulary file %r has no column(s) %s (expected the Youtube-8M "
+                            "vocabulary.csv header)" % (path, ", ".join(missing)))
         try:
             rows.sort(key=lambda r: int(r["Index"]))
         except ValueError as e:
-            raise ValueError("vocabulary file %r: Index must be an integer (%s)" % (path, e))
+            raise UserError("vocabulary file %r: Index must be an integer (%s)" % (path, e))
         size = int(rows[-1]["Index"]) + 1
         self.task_of = np.full(size, -1, dtype=np.int64)
         self.local_of = np.full(size, -1, dtype=np.int64)
@@ -107,8 +102,8 @@ class Vocabulary:
                 self.classes[t].append(r["Name"])
         empty = [TASKS[t] for t in range(len(TASKS)) if not self.classes[t]]
         if empty:
-            raise ValueError("vocabulary file %r has no entry with Vertical1 = %s; every task "
-                             "needs at least one class" % (path, ", ".join(map(repr, empty))))
+            raise UserError("vocabulary file %r has no entry with Vertical1 = %s; every task "
+                            "needs at least one class" % (path, ", ".join(map(repr, empty))))
         self.num_classes = [len(c) for c in self.classes]
 
     def tasks_of(self, labels, where):
@@ -116,8 +111,8 @@ class Vocabulary:
         bad = labels[(labels < 0) | (labels >= len(self.known))]
         bad = bad if len(bad) else labels[~self.known[labels]]
         if len(bad):
-            raise ValueError("%s: label %d is not in the vocabulary; use the vocabulary.csv "
-                             "of the same Youtube-8M release" % (where, bad[0]))
+            raise UserError("%s: label %d is not in the vocabulary; use the vocabulary.csv "
+                            "of the same Youtube-8M release" % (where, bad[0]))
         tasks = self.task_of[labels]
         keep = tasks >= 0
         return tasks[keep], self.local_of[labels][keep]
@@ -126,8 +121,8 @@ class Vocabulary:
 def list_files(pattern, what):
     files = sorted(glob.glob(pattern))
     if not files:
-        raise FileNotFoundError("no %s TFRecord files match %r; pass the video-level %s*.tfrecord "
-                                "files of Youtube-8M (quote the glob)" % (what, pattern, what))
+        raise UserError("no %s TFRecord files match %r; pass the video-level %s*.tfrecord "
+                        "files of Youtube-8M (quote the glob)" % (what, pattern, what))
     return files
 
 
@@ -135,8 +130,8 @@ def split_validate_files(files, seed):
     """Shuffle the validate files (seeded) and cut them into halves: (valid, test)."""
     files = sorted(files)
     if len(files) < 2:
-        raise ValueError("need at least 2 validate files to split them into valid and test "
-                         "halves, got %d" % len(files))
+        raise UserError("need at least 2 validate files to split them into valid and test "
+                        "halves, got %d" % len(files))
     random.Random(seed).shuffle(files)
     half = len(files) // 2
     return files[:half], files[half:]
@@ -144,13 +139,13 @@ def split_validate_files(files, seed):
 
 def _float_feature(feature, key, size, where):
     if key not in feature:
-        raise ValueError("%s has no feature %r; video-level Youtube-8M records are needed "
-                         "(id, labels, mean_rgb, mean_audio)" % (where, key))
+        raise UserError("%s has no feature %r; video-level Youtube-8M records are needed "
+                        "(id, labels, mean_rgb, mean_audio)" % (where, key))
     values = feature[key].float_list.value
     if len(values) != size:
-        raise ValueError("%s: feature %r has %d values, expected %d (video-level features: "
-                         "mean_rgb 1024 + mean_audio 128; frame-level records are not supported)"
-                         % (where, key, len(values), size))
+        raise UserError("%s: feature %r has %d values, expected %d (video-level features: "
+                        "mean_rgb 1024 + mean_audio 128; frame-level records are not supported)"
+                        % (where, key, len(values), size))
     return values
 
 
@@ -162,8 +157,8 @@ def read_records(path):
         example.ParseFromString(record)
         feature = example.features.feature
         if "labels" not in feature:
-            raise ValueError("%s has no feature 'labels'; video-level Youtube-8M records are "
-                             "needed (id, labels, mean_rgb, mean_audio)" % where)
+            raise UserError("%s has no feature 'labels'; video-level Youtube-8M records are "
+                            "needed (id, labels, mean_rgb, mean_audio)" % where)
         x = np.empty(FEATURE_SIZE, dtype=np.float32)
         x[:RGB_SIZE] = _float_feature(feature, "mean_rgb", RGB_SIZE, where)
         x[RGB_SIZE:] = _float_feature(feature, "mean_audio", AUDIO_SIZE, where)
@@ -173,11 +168,11 @@ def read_records(path):
 
 
 class TaskWriter:
-    """Appends (features, labels) rows of one task to a resizable HDF5 file, in buffered chunks."""
+    """Appends (features, labels) rows of one task to a resizable HDF5 file, in buffered
+    chunks; a context manager that writes the last rows and closes the file on success."""
 
     def __init__(self, path, num_classes, buffer_rows=4096):
-        self.path, self.tmp = path, path + ".tmp"
-        self.file = h5py.File(self.tmp, "w")
+        self.file = h5py.File(path, "w")
         self.features = self.file.create_dataset(
             "features", (0, FEATURE_SIZE), maxshape=(None, FEATURE_SIZE), dtype=np.float32,
             chunks=(128, FEATURE_SIZE))
@@ -207,25 +202,24 @@ class TaskWriter:
             self.labels[self.count:end] = self.y[:self.filled]
             self.count, self.filled = end, 0
 
-    def commit(self):
-        self.flush()
-        self.file.close()
-        os.replace(self.tmp, self.path)
+    def __enter__(self):
+        return self
 
-    def abort(self):
+    def __exit__(self, error_type, error, traceback):
+        if error_type is None:
+            self.flush()
         self.file.close()
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
 
 
 def convert_split(files, split, vocabulary, out_dir):
-    """Stream the records of `files` into the 16 task files of `split`. Returns counts per task."""
-    writers = []
-    try:
-        for t in range(len(TASKS)):
-            writers.append(TaskWriter(task_file(out_dir, split, t), vocabulary.num_classes[t]))
+    """Stream the records of `files` into the 16 task files of `split` (each written under
+    a temporary name and renamed when complete). Returns (videos per task, videos)."""
+    with contextlib.ExitStack() as stack:
+        writers = [stack.enter_context(TaskWriter(stack.enter_context(atomic_path(task_file(out_dir, split, t))),
+                                                  vocabulary.num_classes[t]))
+                   for t in range(len(TASKS))]
         videos = 0
-        bar = tqdm(files, desc="%s files" % split, unit="file")
+        bar = tqdm(files, desc="%s files" % split, unit="file", disable=None)    # a bar on a terminal only
         for path in bar:
             for n, (video_id, labels, x) in enumerate(read_records(path)):
                 tasks, classes = vocabulary.tasks_of(labels, "video %r (record %d of %s)"
@@ -234,15 +228,7 @@ def convert_split(files, split, vocabulary, out_dir):
                     writers[t].add(x, classes[tasks == t])
                 videos += 1
             bar.set_postfix(videos=videos)
-        counts = []
-        for w in writers:
-            w.commit()
-            counts.append(w.count)
-        return counts, videos
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
+        return [w.count + w.filled for w in writers], videos
 
 
 def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):
@@ -262,7 +248,7 @@ def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):
         info["videos"][split] = videos
         info["files"][split] = [os.path.basename(f) for f in files]
     info.update(extra_info or {})
-    write_json_atomic(os.path.join(out_dir, "tasks.json"), info)
+    atomic_write_json(os.path.join(out_dir, "tasks.json"), info)
     return info
 
 
@@ -280,21 +266,20 @@ def read_task_names(data_dir, num_tasks):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--vocabulary", required=True, help="path of vocabulary.csv")
     parser.add_argument("--train", required=True, help="glob of the train TFRecords (quoted)")
     parser.add_argument("--valid", required=True, help="glob of the validate TFRecords (quoted)")
-    parser.add_argument("--out", required=True, help="output folder of the HDF5 files")
+    parser.add_argument("--out", default=DEFAULT_DATA_PATH, help="output folder of the HDF5 files (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test file split")
     args = parser.parse_args(argv)
-    try:
-        info = convert(args.vocabulary, args.train, args.valid, args.out, args.seed)
-    except (FileNotFoundError, ValueError) as e:
-        parser.error(str(e))
+    info = convert(args.vocabulary, args.train, args.valid, args.out, args.seed)
     for split in SPLITS:
         print("%s: %d videos; per task %s" % (split, info["videos"][split], info["counts"][split]))
     return info
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

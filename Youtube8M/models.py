@@ -13,7 +13,8 @@ A training step (SPEC 5) is
     total, per_task = multitask_loss(model(xs), ys)      # mean over tasks of BCE * C_t
     loss = total + model.regularization(c)                 # once per step, not per task
 
-and, for MRN, `model.update()` every `update_interval` steps.
+and then `model.after_step(iteration)` where a model has it (MRN: `update()` every
+`update_interval` steps).
 
 Unlike the original code, which called the model once per task, every model here runs
 all tasks of a step at once: models whose hidden layers are shared by all rows
@@ -167,9 +168,6 @@ class MultiTaskModel(nn.Module):
             total = total + layer.regularization(c)
         return total
 
-    def update(self):
-        """Refresh layer statistics between steps (MRN's covariances); a no-op here."""
-
 
 # ----------------------------------------------------------------------------------------
 # the models
@@ -228,7 +226,8 @@ class MRN(MultiTaskModel):
     with per-task weights tied by the tensor-normal prior
         R = c * sum_layers vec(W)^T (Omega_T kron Omega_out kron Omega_in) vec(W)
     (`regularization(c)`, once per step). `update()` re-estimates the precision matrices of
-    every layer; call it every `update_interval` steps. As in the original, the layers use
+    every layer; `after_step(iteration)`, which the trainer calls after every optimizer
+    step, does so every `update_interval` steps. As in the original, the layers use
     no batch norm and no dropout (MRN_Linear(..., dropout=False, bn=False)).
     """
 
@@ -253,6 +252,10 @@ class MRN(MultiTaskModel):
     def update(self):
         for layer in self.layers:
             layer.update()
+
+    def after_step(self, iteration):
+        if iteration % self.update_interval == 0:
+            self.update()
 
 
 class SoftOrder(MultiTaskModel):

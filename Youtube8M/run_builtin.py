@@ -1,42 +1,44 @@
 """The main job: TAAN on the built-in synthetic Youtube-8M-like data, end to end.
 
-    python Youtube8M/run_builtin.py                 # TAAN with the distance regulariser
-    python Youtube8M/run_builtin.py --compare       # Hard3, STL and TAAN, with a mAP@10 table
-    python Youtube8M/run_builtin.py --models MRN TAAN --max_epoch 8
+    python -m Youtube8M.run_builtin                 # TAAN with the distance regulariser
+    python -m Youtube8M.run_builtin --compare       # Hard3, STL and TAAN, with a mAP@10 table
+    python -m Youtube8M.run_builtin --models MRN TAAN --max_epoch 8
 
-1. creates the synthetic data (Youtube8M/synthetic.py) in --data_path unless it is there;
-2. trains every model of --models with Youtube8M/Trainer.py (small sizes so that it takes
+1. creates the synthetic data (Youtube8M.synthetic) in --data_path unless it is there;
+2. trains every model of --models with Youtube8M.Trainer (small sizes so that it takes
    a few minutes on two CPU cores), keeping the best model on the valid split;
 3. evaluates it on the test split and writes the per-task and mean mAP@10;
 4. for TAAN, draws the task distance and cosine heat maps of each layer and prints the
-   spectral clusters of the tasks (Youtube8M/Visualizer.py);
+   spectral clusters of the tasks (Youtube8M.Visualizer);
 5. prints the mean test mAP@10 of every model and where the files are.
 
 Every trainer flag can be changed here (see --help); the results of model M go to
---out/M (default results/builtin/M).
+--out/M (default results/builtin/M under the project's home folder, see README).
 """
-import argparse
 import json
 import os
 
 from sklearn.metrics import adjusted_rand_score
 
+from Layers.DMTRL_pytorch import METHODS
+from Layers.TAL_pytorch import PAPER_REGULARIZERS
+from Training import ArgumentParser, add_bool_argument, default_path, entry_point
 from Youtube8M import Trainer, Visualizer
+from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.models import MODELS
-from Youtube8M.synthetic import DEFAULT_DATA_PATH, ensure_builtin_data
+from Youtube8M.synthetic import ensure_builtin_data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = ['Hard3', 'STL', 'TAAN']
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description='Train and test on the built-in synthetic data, then draw the task '
+    p = ArgumentParser(description='Train and test on the built-in synthetic data, then draw the task '
                                 'relations of TAAN.')
     p.add_argument('--models', nargs='+', default=['TAAN'], choices=MODELS, help='models to run (default TAAN)')
     p.add_argument('--compare', action='store_true', help=f'run {", ".join(COMPARE)} and print a mAP@10 table')
     p.add_argument('--data_path', default=DEFAULT_DATA_PATH, help='data folder; the synthetic data is created '
                    'there when no data is present (default %(default)s)')
-    p.add_argument('--out', default=os.path.join(ROOT, 'results', 'builtin'),
+    p.add_argument('--out', default=default_path('results', 'builtin'),
                    help='results folder, one subfolder per model (default %(default)s)')
     p.add_argument('--max_epoch', default=10, type=int)
     p.add_argument('--early_stop', default=3, type=int)
@@ -44,14 +46,15 @@ def build_parser():
     p.add_argument('--hidden_feature', default=128, type=int)
     p.add_argument('--lr', default=3e-3, type=float)
     p.add_argument('--basis', default=8, type=int)
-    p.add_argument('--regularize', default='distance', choices=['tracenorm', 'cosine', 'distance'])
+    p.add_argument('--regularize', default='distance', choices=PAPER_REGULARIZERS)
     p.add_argument('--taan_constant', default=0.1, type=float)
     p.add_argument('--mrn_constant', default=1e-3, type=float)
-    p.add_argument('--method', default='Tucker', choices=['Tucker', 'TT', 'LAF'])
+    p.add_argument('--method', default='Tucker', choices=METHODS)
     p.add_argument('--clusters', default=4, type=int, help='task groups per layer in the clustering (default 4)')
     p.add_argument('--seed', default=0, type=int)
     p.add_argument('--device', default='auto')
     p.add_argument('--resume', action='store_true', help="continue each model's training from its saved state")
+    add_bool_argument(p, '--progress', default=None, help='show progress bars (auto: only on a terminal)')
     return p
 
 
@@ -67,6 +70,8 @@ def trainer_argv(args, model):
         argv += ['--method', args.method]
     if args.resume:
         argv += ['--resume', 'auto']
+    if args.progress is not None:
+        argv += ['--progress', args.progress]
     return [str(a) for a in argv]
 
 
@@ -126,5 +131,7 @@ def main(argv=None):
     return {'results': results, 'figures': figures}
 
 
+cli = entry_point(main)
+
 if __name__ == '__main__':
-    main()
+    cli()

@@ -35,9 +35,8 @@ settings under "synthetic_config"), so the visualiser and tests can compare them
 trained TAAN's task-distance matrices.
 
 Usage:
-  python Youtube8M/synthetic.py --out data/youtube8m [--seed 0] [--num_train 20000] [--num_valid 6000]
+  python -m Youtube8M.synthetic --out data/youtube8m [--seed 0] [--num_train 20000] [--num_valid 6000]
 """
-import argparse
 import csv
 import os
 import shutil
@@ -47,13 +46,12 @@ import numpy as np
 from tfrecord.writer import TFRecordWriter
 from tqdm import tqdm
 
-from Youtube8M.data import (AUDIO_SIZE, FEATURE_SIZE, RGB_SIZE, SPLITS, TASKS, convert,
+from Training import ArgumentParser, atomic_path, entry_point
+from Youtube8M.data import (AUDIO_SIZE, DEFAULT_DATA_PATH, FEATURE_SIZE, RGB_SIZE, SPLITS, TASKS, convert,
                             task_file)
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 OFF_TASK_VERTICAL = "Reference"
-DEFAULT_DATA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "data", "youtube8m")
 EVENNESS = (0.0, 0.45, 0.75, 1.0)      # e_g of the link function of group g
 DEFAULTS = dict(num_train=20000, num_valid=6000, train_files=4, valid_files=4, latent_dim=16,
                 link_strength=12.0, feature_noise=0.5, second_task_prob=0.35)
@@ -153,9 +151,8 @@ def _vocabulary_layout(rng, num_classes, num_off_task=4):
 
 
 def write_vocabulary(path, entry_task, train_counts):
-    tmp = path + ".tmp"
     local = {t: 0 for t in range(len(TASKS))}
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["Index", "TrainVideoCount", "KnowledgeGraphId", "Name", "WikiUrl",
                      "Vertical1", "Vertical2", "Vertical3", "WikiDescription"])
@@ -167,7 +164,6 @@ def write_vocabulary(path, entry_task, train_counts):
                 name, vertical = "Synthetic off-task %d" % i, OFF_TASK_VERTICAL
             w.writerow([i, int(train_counts[i]), "/m/synthetic%d" % i, name, "", vertical, "", "",
                         "Synthetic class, no real video category."])
-    os.replace(tmp, path)
 
 
 def generate_tfrecords(raw_dir, seed=0, **config):
@@ -192,7 +188,7 @@ def generate_tfrecords(raw_dir, seed=0, **config):
                    for i in range(n_files)]
         video_labels[split] = []
         for start in tqdm(range(0, n, 4096), desc="synthetic %s videos" % split, unit="chunk",
-                          leave=False):
+                          leave=False, disable=None):
             labels, x = model.sample(min(4096, n - start))
             for v, (video, row) in enumerate(zip(labels, x), start):
                 ids = sorted(index_of[t][c] for t, c in video)
@@ -217,7 +213,7 @@ def make_synthetic_data(out_dir, seed=0, keep_raw=False, **config):
     The TFRecords go to a temporary folder (or out_dir/raw with keep_raw). Returns tasks.json's dict.
     """
     os.makedirs(out_dir, exist_ok=True)
-    raw_dir = os.path.join(out_dir, "raw") if keep_raw else tempfile.mkdtemp(dir=out_dir)
+    raw_dir = os.path.join(out_dir, "raw") if keep_raw else tempfile.mkdtemp(prefix=".raw-", dir=out_dir)
     try:
         gen = generate_tfrecords(raw_dir, seed, **config)
         extra = {"synthetic": True, "synthetic_groups": gen["synthetic_groups"],
@@ -249,7 +245,7 @@ def ensure_builtin_data(data_dir=DEFAULT_DATA_PATH, seed=0, **config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write the built-in synthetic Youtube-8M-like data.")
+    parser = ArgumentParser(description="Write the built-in synthetic Youtube-8M-like data.")
     parser.add_argument("--out", default=DEFAULT_DATA_PATH, help="output folder (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     for key in ("num_train", "num_valid", "train_files", "valid_files", "latent_dim"):
@@ -266,5 +262,7 @@ def main(argv=None):
     return info
 
 
+cli = entry_point(main)
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,10 +1,10 @@
 """Batched, seeded, shardable loaders over the per-task HDF5 files of Youtube8M/data.py.
 
     loaders, num_classes = MultiTask_Dataloader('train', batch_size=256, seed=0)
-    steps = MultiTaskBatches(loaders)            # one batch of every task per training step
+    steps = TrainSteps(loaders)                  # one batch of every task per training step
     for epoch in range(max_epoch):
         steps.set_epoch(epoch)                   # like DistributedSampler.set_epoch
-        for batch in steps:                      # batch[t] = (features [b, 1152], labels [b, C_t])
+        for xs, ys in steps:                     # xs[t] features [b, 1152], ys[t] labels [b, C_t]
             ...
     for x, y in loaders[t]: ...                  # one pass over task t (evaluation)
 
@@ -16,8 +16,8 @@ contiguous HDF5 slices and their rows are shuffled together. There is never one 
 per sample.
 
 Order. The sample order of an epoch is a permutation drawn from
-np.random.default_rng([seed, task, epoch, cycle]) (cycle counts the restarts of a task inside
-one MultiTaskBatches epoch), so it is the same for the same seed and epoch -- a resumed run
+np.random.default_rng([seed, task, epoch, cycle]) (cycle counts the restarts of the loaders inside
+one TrainSteps epoch), so it is the same for the same seed and epoch -- a resumed run
 sees the same batches -- and differs across epochs. shuffle=False gives file order.
 
 Sharding. All ranks draw the same order. Global batch i covers the positions
@@ -26,10 +26,10 @@ B of them, so ranks are disjoint, cover the data, and all have the same number o
 With drop_last=False the last, partial global batch is split as evenly as possible (a rank's
 last batch may be smaller, and empty if fewer than W samples are left).
 
-Data: DEFAULT_DATA_PATH is <repository>/data/youtube8m, where `python Youtube8M/synthetic.py`
-writes by default.
+Data: DEFAULT_DATA_PATH is data/youtube8m under the project's home folder (the checkout, or
+$TAAN_HOME; see Training.runtime.project_home), where `python -m Youtube8M.synthetic` writes
+by default.
 """
-import json
 import os
 import queue
 import threading
@@ -38,50 +38,40 @@ import h5py
 import numpy as np
 import torch
 
-from Youtube8M.data import FEATURE_SIZE, SPLITS, TASKS, task_file
+from Training import UserError
+from Youtube8M.data import DEFAULT_DATA_PATH, FEATURE_SIZE, SPLITS, TASKS, task_file
 
-DEFAULT_DATA_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                 "data", "youtube8m")
 
 
 def how_to_create(data_path):
-    return ("create it with `python Youtube8M/synthetic.py --out %s` (built-in synthetic data) or "
-            "`python Youtube8M/data.py --vocabulary vocabulary.csv --train 'train*.tfrecord' "
+    return ("create it with `python -m Youtube8M.synthetic --out %s` (built-in synthetic data) or "
+            "`python -m Youtube8M.data --vocabulary vocabulary.csv --train 'train*.tfrecord' "
             "--valid 'validate*.tfrecord' --out %s` (real Youtube-8M data)" % (data_path, data_path))
-
-
-def load_task_info(data_path=DEFAULT_DATA_PATH):
-    """The tasks.json written by the converter (task and class names, counts), or None."""
-    path = os.path.join(data_path, "tasks.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def check_task_file(path, help_text=""):
     """Validate one task file; returns (num_samples, num_classes)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError("task file %s is missing; %s" % (path, help_text))
+        raise UserError("task file %s is missing; %s" % (path, help_text))
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ValueError("%s is not a readable HDF5 file (%s); %s" % (path, e, help_text))
+        raise UserError("%s is not a readable HDF5 file (%s); %s" % (path, e, help_text))
     with f:
         missing = [k for k in ("features", "labels") if k not in f]
         if missing or "num_classes" not in f.attrs:
-            raise ValueError("%s lacks %s; %s" % (path, ", ".join(missing) or "attribute num_classes",
+            raise UserError("%s lacks %s; %s" % (path, ", ".join(missing) or "attribute num_classes",
                                                    help_text))
         x, y, c = f["features"], f["labels"], int(f.attrs["num_classes"])
         if x.ndim != 2 or x.shape[1] != FEATURE_SIZE:
-            raise ValueError("features of %s have shape %s, expected [N, %d] video-level features "
-                             "(mean_rgb 1024 + mean_audio 128); %s"
-                             % (path, x.shape, FEATURE_SIZE, help_text))
+            raise UserError("features of %s have shape %s, expected [N, %d] video-level features "
+                            "(mean_rgb 1024 + mean_audio 128); %s"
+                            % (path, x.shape, FEATURE_SIZE, help_text))
         if y.shape != (x.shape[0], c):
-            raise ValueError("labels of %s have shape %s, expected [N=%d, num_classes=%d]; %s"
-                             % (path, y.shape, x.shape[0], c, help_text))
+            raise UserError("labels of %s have shape %s, expected [N=%d, num_classes=%d]; %s"
+                            % (path, y.shape, x.shape[0], c, help_text))
         if x.shape[0] == 0:
-            raise ValueError("%s holds no videos; %s" % (path, help_text))
+            raise UserError("%s holds no videos; %s" % (path, help_text))
         return x.shape[0], c
 
 
@@ -145,6 +135,7 @@ class TaskLoader:
                              % (rank, world_size))
         self.path, self.task = path, task
         self.num_samples, self.num_classes = check_task_file(path, help_text)
+        self.num_features = FEATURE_SIZE
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.num_workers, self.epoch = num_workers, 0
@@ -155,9 +146,9 @@ class TaskLoader:
         else:
             self.num_batches = -(-self.num_samples // global_batch)
         if self.num_batches == 0:
-            raise ValueError("%s has %d videos, fewer than one batch of batch_size x world_size = "
-                             "%d with drop_last=True; use a smaller batch size"
-                             % (path, self.num_samples, global_batch))
+            raise UserError("%s has %d videos, fewer than one batch of batch_size x world_size = "
+                            "%d with drop_last=True; use a smaller batch size"
+                            % (path, self.num_samples, global_batch))
         nbytes = self.num_samples * (FEATURE_SIZE * 4 + self.num_classes)
         self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
         if self.in_memory:
@@ -249,44 +240,60 @@ class TaskLoader:
                 f.close()
 
 
-class MultiTaskBatches:
-    """Training steps that take one batch from every task: each step yields [(x_t, y_t)] * T.
+class TrainSteps:
+    """The training batches of one epoch, as in the original: step s yields one batch of
+    every task, ([x_t], [y_t]); all loaders restart together, reshuffled, every
+    `cycle` = min_t(len_t) - 1 steps, and an epoch has max_t(len_t) - 1 steps. The order of
+    a pass depends only on (seed, epoch, restart number), so a resumed run sees the same
+    batches. Call set_epoch(epoch) (0-based) before each epoch, as for a DistributedSampler."""
 
-    An epoch has `steps` steps, by default the largest len(loader): the task with most
-    batches is seen once, shorter tasks restart (with a fresh order: cycle 1, 2, ...) when
-    they run out. Call set_epoch(epoch) before each epoch.
-    """
-
-    def __init__(self, loaders, steps=None):
-        self.loaders, self.steps, self.epoch = list(loaders), steps, 0
+    def __init__(self, loaders):
+        lengths = [len(loader) for loader in loaders]
+        self.loaders, self.epoch = loaders, 0
+        self.cycle = max(min(lengths) - 1, 1)
+        self.steps = max(max(lengths) - 1, 1)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        for loader in self.loaders:
-            loader.set_epoch(epoch)
 
     def __len__(self):
-        return self.steps if self.steps is not None else max(len(l) for l in self.loaders)
+        return self.steps
 
     def __iter__(self):
-        epoch, steps = self.epoch, len(self)
-        iters = [loader.iter_epoch(epoch, 0) for loader in self.loaders]
-        cycles = [0] * len(self.loaders)
+        epoch, iters = self.epoch, []
         try:
-            for _ in range(steps):
-                batch = []
-                for t, loader in enumerate(self.loaders):
-                    item = next(iters[t], None)
-                    if item is None:
-                        cycles[t] += 1
-                        iters[t].close()
-                        iters[t] = loader.iter_epoch(epoch, cycles[t])
-                        item = next(iters[t])
-                    batch.append(item)
-                yield batch
+            for step in range(self.steps):
+                if step % self.cycle == 0:
+                    for it in iters:
+                        it.close()
+                    iters = [loader.iter_epoch(epoch, step // self.cycle) for loader in self.loaders]
+                batches = [next(it) for it in iters]
+                yield [x for x, _ in batches], [y for _, y in batches]
         finally:
             for it in iters:
                 it.close()
+
+
+class EvalSteps:
+    """All batches of every task of an evaluation split, one batch of every task per step,
+    ([x_t], [y_t]), with empty batches for the tasks already exhausted."""
+
+    def __init__(self, loaders):
+        self.loaders = loaders
+        self.steps = max(len(loader) for loader in loaders)
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        iters = [iter(loader) for loader in self.loaders]
+        for _ in range(self.steps):
+            xs, ys = [], []
+            for it, loader in zip(iters, self.loaders):
+                x, y = next(it, (torch.zeros(0, loader.num_features), torch.zeros(0, loader.num_classes)))
+                xs.append(x)
+                ys.append(y)
+            yield xs, ys
 
 
 def MultiTask_Dataloader(mode, batch_size, shuffle=True, data_path=None, num_workers=0, seed=0,
@@ -302,7 +309,7 @@ def MultiTask_Dataloader(mode, batch_size, shuffle=True, data_path=None, num_wor
     data_path = DEFAULT_DATA_PATH if data_path is None else data_path
     help_text = how_to_create(data_path)
     if not os.path.isdir(data_path):
-        raise FileNotFoundError("data folder %s does not exist; %s" % (data_path, help_text))
+        raise UserError("data folder %s does not exist; %s" % (data_path, help_text))
     loaders = [TaskLoader(task_file(data_path, mode, t), batch_size, shuffle=shuffle, seed=seed,
                           rank=rank, world_size=world_size, drop_last=drop_last,
                           num_workers=num_workers, task=t, max_memory_mb=max_memory_mb,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from Documents.make_figures import main, task_activation
+from Training import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "Documents"
@@ -87,7 +88,7 @@ def test_make_figures_writes_png_and_pdf(tmp_path):
 
 def test_make_figures_missing_out_dir_is_a_clear_error(tmp_path):
     missing = tmp_path / "nope"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         main(["--out-dir", str(missing)])
     assert not missing.exists()
 

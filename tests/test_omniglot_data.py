@@ -14,6 +14,7 @@ from PIL import Image
 
 from Omniglot import Figure_wrt_Lambda, dataTools, results, synthetic
 from Omniglot.dataTools import OmniglotData
+from Training import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(alphabets=3, drawers=10, min_chars=4, max_chars=7, seed=0)
@@ -110,7 +111,7 @@ def test_ensure_builtin_data(tmp_path):
     assert _all_pngs(root) == before and os.path.getmtime(os.path.join(root, before[0])) == stamp
     with pytest.raises(ValueError, match="generated with"):
         synthetic.ensure_builtin_data(root, **dict(kw, drawers=3))
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(UserError, match="already exists"):
         synthetic.generate(root, **kw)
     assert not [e for e in os.listdir(root) if e.startswith(".synthetic-")]  # temp folder gone
 
@@ -206,7 +207,7 @@ def test_cache_round_trip_equals_direct_decode(data_root):
 def test_cache_goes_stale_when_lists_change(data_root):
     dataTools.write_split_lists(data_root, seed=5)
     assert not dataTools.cache_is_current(data_root)
-    with pytest.raises(FileNotFoundError, match="older than the lists"):
+    with pytest.raises(UserError, match="older than the lists"):
         OmniglotData(data_root, "train", build=False)
     dataTools.prepare(data_root, seed=0, force=True)
     assert dataTools.cache_is_current(data_root)
@@ -281,16 +282,16 @@ def test_alphabet_without_test_images(tmp_path):
 # ----------------------------------------------------------------------------- bad inputs
 
 def test_missing_data_folder_says_how_to_get_data(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist") as e:
+    with pytest.raises(UserError, match="does not exist") as e:
         dataTools.write_split_lists(str(tmp_path / "nowhere"))
-    assert "synthetic.py" in str(e.value) and "images_background.zip" in str(e.value)
+    assert "python -m Omniglot.synthetic --root" in str(e.value) and "images_background.zip" in str(e.value)
     os.makedirs(tmp_path / "half" / "images_background")
-    with pytest.raises(FileNotFoundError, match="images_evaluation is missing"):
+    with pytest.raises(UserError, match="images_evaluation is missing"):
         dataTools.write_split_lists(str(tmp_path / "half"))
 
 
 def test_missing_lists_say_which_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"dataTools\.py --root"):
+    with pytest.raises(UserError, match=r"Omniglot\.dataTools --root"):
         OmniglotData(str(tmp_path), "train")
 
 
@@ -406,6 +407,6 @@ def test_figure_script_writes_png_and_pdf(tmp_path):
     png, pdf = open(out + ".png", "rb").read(), open(out + ".pdf", "rb").read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
     assert pdf[:5] == b"%PDF-" and len(pdf) > 5000
-    with pytest.raises(FileNotFoundError, match="no accuracies"):
+    with pytest.raises(UserError, match="no accuracies"):
         os.makedirs(tmp_path / "empty")
         Figure_wrt_Lambda.main(["--results_dir", str(tmp_path / "empty"), "--out", out])

@@ -18,6 +18,7 @@ from Omniglot.TAAN import (HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN
                            split_by_task)
 from Training import load_checkpoint
 from conftest import Killed, kill_at
+from Training import UserError
 
 CLASSES = [3, 4, 5]
 TINY = dict(alphabets=3, drawers=6, min_chars=3, max_chars=5, seed=0)
@@ -438,7 +439,7 @@ def test_bad_inputs_are_clear_errors(root, data, tmp_path):
             model.forward_task(torch.zeros(1, 1, 105, 105), 3)
     with pytest.raises(ValueError, match="same number of images for every task"):
         make("stl", torch.float32).train()(torch.zeros(3, 1, 105, 105), torch.tensor([0, 0, 1]))
-    with pytest.raises(FileNotFoundError, match="does not exist.*synthetic.py"):
+    with pytest.raises(UserError, match=r"does not exist.*Omniglot\.synthetic"):
         trainer.train(args_for(str(tmp_path / "nowhere")))
-    with pytest.raises(FileNotFoundError, match="train.py --saveto"):
+    with pytest.raises(UserError, match=r"Omniglot\.train --saveto"):
         visualization_full.find_runs(str(tmp_path / "no_models"))

@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from sklearn.metrics import average_precision_score
 
-from Training import (CheckpointError, MultiTaskMAPAtK, RNGState, add_bool_argument, atomic_savetxt,
+from Training import (CheckpointError, MultiTaskMAPAtK, RNGState, UserError, add_bool_argument, atomic_savetxt,
                       count_parameters, load_checkpoint, make_checkpoints, map_at_k, read_checkpoint,
                       resolve_device, resolve_resume, split_glued_booleans, str2bool)
 
@@ -206,7 +206,7 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         load_checkpoint(good, {'model': model, 'optimizer': torch.optim.SGD(model.parameters(), lr=0.1)})
     with pytest.raises(CheckpointError, match='does not fit'):
         load_checkpoint(good, {'model': torch.nn.Linear(3, 1), 'trainer': Engine(lambda e, b: None)})
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         read_checkpoint(tmp_path / 'missing.pt')
 
 
@@ -217,7 +217,7 @@ def test_resolve_resume(tmp_path):
     state.write_bytes(b'x')
     assert resolve_resume('auto', str(state)) == str(state)
     assert resolve_resume(str(state), None) == str(state)
-    with pytest.raises(FileNotFoundError, match='no such checkpoint'):
+    with pytest.raises(UserError, match='no such checkpoint'):
         resolve_resume(str(tmp_path / 'other.pt'), None)
     with pytest.raises(ValueError, match='--saveto'):
         resolve_resume('auto', None)

@@ -11,7 +11,8 @@ from tfrecord.writer import TFRecordWriter
 
 from Youtube8M.data import FEATURE_SIZE, TASKS, convert, split_validate_files, task_file
 from Youtube8M.synthetic import GROUPS, SyntheticVideos, ensure_builtin_data, make_synthetic_data
-from Youtube8M.torch_loader import MultiTask_Dataloader, MultiTaskBatches, TaskLoader
+from Youtube8M.torch_loader import MultiTask_Dataloader, TaskLoader, TrainSteps
+from Training import UserError
 
 T = len(TASKS)
 
@@ -123,9 +124,9 @@ def test_converter_errors(raw, tmp_path):
     raw, files = raw
     voc, tr, va = str(raw / "vocabulary.csv"), str(raw / "train*.tfrecord"), str(raw / "validate*")
     out = str(tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="vocabulary file .*missing.csv.* not found"):
+    with pytest.raises(UserError, match="vocabulary file .*missing.csv.* not found"):
         convert(str(raw / "missing.csv"), tr, va, out)
-    with pytest.raises(FileNotFoundError, match="no train TFRecord files match .*nothing"):
+    with pytest.raises(UserError, match="no train TFRecord files match .*nothing"):
         convert(voc, str(raw / "nothing*.tfrecord"), va, out)
     rng = np.random.default_rng(1)
     write_videos(str(raw / "train2.tfrecord"), random_videos(rng, 3, "bad"), rgb_size=1000)
@@ -265,47 +266,44 @@ def test_rank_shards_disjoint_and_covering(tmp_path, drop_last):
     assert sorted(flat) == sorted(whole[:len(flat)])            # a shard of the same order
 
 
-def test_multitask_batches_cycle_shorter_tasks(tmp_path):
+def test_train_steps_restart_all_tasks_together(tmp_path):
+    """TrainSteps (the trainer's epoch, as the original): max_t(len_t) - 1 steps; every
+    cycle = min_t(len_t) - 1 steps all loaders restart together with the next order."""
     root = write_task_files(str(tmp_path))
-    loaders, _ = MultiTask_Dataloader("train", 32, data_path=root, seed=0)
-    steps = MultiTaskBatches(loaders)
-    assert len(steps) == max(len(l) for l in loaders) == -(-SIZES[-1] // 32)
+    loaders, _ = MultiTask_Dataloader("train", 16, data_path=root, seed=0)
+    lengths = [len(l) for l in loaders]
+    steps = TrainSteps(loaders)
+    assert (len(steps), steps.cycle) == (max(lengths) - 1, min(lengths) - 1) == (14, 2)
     steps.set_epoch(4)
     seen = [[] for _ in range(T)]
-    count = 0
-    for batch in steps:
-        assert len(batch) == T
-        for t, (x, y) in enumerate(batch):
-            seen[t].append(x[:, 0].long().tolist())
-        count += 1
-    assert count == len(steps)
-    for t, loader in enumerate(loaders):
-        first = sum(seen[t][:len(loader)], [])
-        assert sorted(first) == list(range(SIZES[t]))            # one full pass, then restart
-        loader.set_epoch(4)
-        assert first == row_ids(loader)
-        if len(loader) < len(steps):
-            assert seen[t][len(loader)] == row_ids(loader.iter_epoch(4, cycle=1))[:32]
+    for xs, ys in steps:
+        assert len(xs) == len(ys) == T
+        for t, (x, y) in enumerate(zip(xs, ys)):
+            seen[t].append(row_ids([(x, y)]))
+    assert all(len(s) == len(steps) for s in seen)
+    for t, loader in enumerate(loaders):      # step s is batch s % 2 of restart s // 2
+        passes = [row_ids(loader.iter_epoch(4, cycle=r)) for r in range(7)]
+        assert seen[t] == [passes[s // 2][16 * (s % 2):16 * (s % 2 + 1)] for s in range(len(steps))]
     steps.set_epoch(5)
-    assert next(iter(steps))[0][0][:, 0].tolist() != seen[0][0]
+    assert row_ids([(next(iter(steps))[0][0], next(iter(steps))[1][0])]) != seen[0][0]
 
 
 def test_loader_errors_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*synthetic.py --out.*data.py"):
+    with pytest.raises(UserError, match=r"does not exist.*Youtube8M\.synthetic --out.*Youtube8M\.data"):
         MultiTask_Dataloader("train", 8, data_path=str(tmp_path / "none"))
     with pytest.raises(ValueError, match="mode must be one of"):
         MultiTask_Dataloader("validate", 8, data_path=str(tmp_path))
     root = write_task_files(str(tmp_path / "a"))
     os.remove(task_file(root, "train", 9))
-    with pytest.raises(FileNotFoundError, match="train_task_9.hdf5 is missing.*synthetic.py"):
+    with pytest.raises(UserError, match=r"train_task_9.hdf5 is missing.*Youtube8M\.synthetic"):
         MultiTask_Dataloader("train", 8, data_path=root)
     root = write_task_files(str(tmp_path / "b"), width=1000)
     with pytest.raises(ValueError, match=r"features of .*train_task_0.hdf5 have shape \(37, 1000\), "
-                                         r"expected \[N, 1152\].*synthetic.py"):
+                                         r"expected \[N, 1152\].*Youtube8M\.synthetic"):
         MultiTask_Dataloader("train", 8, data_path=root)
     root = write_task_files(str(tmp_path / "c"), extra_classes=1)
     with pytest.raises(ValueError, match=r"labels of .*train_task_0.hdf5 have shape \(37, 3\), "
-                                         r"expected \[N=37, num_classes=2\].*data.py"):
+                                         r"expected \[N=37, num_classes=2\].*Youtube8M\.data"):
         MultiTask_Dataloader("train", 8, data_path=root)
     root = write_task_files(str(tmp_path / "d"))
     with pytest.raises(ValueError, match="fewer than one batch"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from Training import CheckpointError, load_checkpoint, map_at_k
+from Training import CheckpointError, UserError, load_checkpoint, map_at_k
 from Youtube8M import Trainer, Visualizer
 from conftest import Killed, kill_at
 from Youtube8M.models import build_model
@@ -178,10 +178,10 @@ def test_spectral_groups_recover_blocks():
 
 
 def test_visualizer_needs_taan(taan_run, tmp_path):
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    with pytest.raises(UserError, match='does not exist'):
         Visualizer.visualize(str(tmp_path / 'TAAN.pth'))
     (tmp_path / 'TAAN.pth').write_bytes(b'x')
-    with pytest.raises(FileNotFoundError, match='TAAN-config.json'):
+    with pytest.raises(UserError, match='TAAN-config.json'):
         Visualizer.visualize(str(tmp_path / 'TAAN.pth'))
 
 
