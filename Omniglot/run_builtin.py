@@ -164,6 +164,7 @@ def main(argv=None):
     args.regularizers = list(dict.fromkeys(args.regularizers))
     start = time.time()
     device = resolve_device(args.device)
+    prepare_out(args)      # a fresh job clears --out; --resume checks that the settings are the job's
 
     ensure_builtin_data(args.data_root, alphabets=args.alphabets, drawers=args.drawers,
                         min_chars=args.min_chars, max_chars=args.max_chars, seed=args.data_seed)
@@ -175,7 +176,6 @@ def main(argv=None):
           f"{sum(train_data.num_classes)} characters, {len(train_data)} train / {len(test_data)} test images"
           + (f" (a small synthetic set: {args.alphabets} alphabets, {args.drawers} drawers; the real "
              "Omniglot has 50 alphabets, 20 drawers)" if synthetic else ""))
-    prepare_out(args)
 
     log = print if args.verbose else (lambda *a, **k: None)
     for reg in args.regularizers:

@@ -273,6 +273,8 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
     device = idist.device() if distributed else device
     main_process = idist.get_rank() == 0
     progress = show_progress(args.progress) and main_process
+    paths = {k: os.path.join(args.saveto, name) for k, name in experiment.files.items()} if args.saveto else None
+    resume = resolve_resume(args.resume, paths['state'] if paths else None)     # bad flags fail before any work
     seed_everything(args.seed)     # the same on every process: models built from random draws agree
 
     data = experiment.get_dataflow(device)
@@ -303,7 +305,6 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
     objects = {'model': model, 'optimizer': optimizer, 'trainer': trainer, 'rng': RNGState(),
                'early_stopping': early_stopping, 'history': history, **experiment.state_objects()}
     config = experiment.config(data)
-    paths = {k: os.path.join(args.saveto, name) for k, name in experiment.files.items()} if args.saveto else None
     best_weights = {}
     if paths:
         objects['settings'] = Settings(config)
@@ -340,7 +341,10 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
         trainer.add_event_handler(every, save_state)      # after the evaluation: the state holds its result
         if main_process:
             remove_stale_temporaries(args.saveto)
-    resume_from(args, paths, objects, config, experiment, data, trainer, early_stopping, say)
+    if resume:
+        resume_from(resume, objects, config, experiment, data, trainer, early_stopping, say)
+    elif args.resume == 'auto':
+        say(f'No training state in {args.saveto}: starting afresh.')
     if main_process and paths:
         atomic_write_json(paths['config'], config)
     if setup_hook is not None:
@@ -358,14 +362,9 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
     result.update(experiment.finish(run))
 
 
-def resume_from(args, paths, objects, config, experiment, data, trainer, early_stopping, say):
-    """--resume: restore every object from the training state after checking that it was
+def resume_from(path, objects, config, experiment, data, trainer, early_stopping, say):
+    """Restore every object from the training state `path` after checking that it was
     saved by a run with the same settings and the same epoch length."""
-    path = resolve_resume(args.resume, paths['state'] if paths else None)
-    if path is None:
-        if args.resume == 'auto':
-            say(f'No training state in {args.saveto}: starting afresh.')
-        return
     state = read_checkpoint(path)
     check_settings(path, state, config, experiment.resume_may_change)
     if isinstance(state, dict) and 'settings' not in state:
