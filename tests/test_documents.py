@@ -111,3 +111,8 @@ def test_ci_runs_exactly_the_readme_test_command():
                 if line.strip() and not line.lstrip().startswith("#")]
     assert block == "python -m pytest -q tests"
     assert ci_lines[-1] == block
+    # ... and installs the way README's first command does
+    setup = readme.split("```bash\n", 1)[1].split("```", 1)[0]
+    install = [part.strip() for part in setup.split("&&") if part.strip().startswith("pip install")]
+    assert install == ['pip install -e ".[dev]"']
+    assert [line.replace(" -q", "") for line in ci_lines if line.startswith("pip install")] == install
