@@ -158,7 +158,6 @@ class Omniglot(Experiment):
     def get_dataflow(self, device):
         args = self.args
         train, test = self.data or load_data(args.data_root, device, args.split_seed)
-        self.train_data = train
         self.sampler = TrainSampler(train, args.batch, args.seed)
         return Dataflow(train=None, evaluate=EvalBatches(test, args.eval_batch), epoch_length=args.num_iter,
                         max_epochs=1, eval_interval=args.test_interval, eval_first=True,

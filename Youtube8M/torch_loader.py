@@ -137,7 +137,7 @@ class TaskLoader:
         self.num_samples, self.num_classes = check_task_file(path, help_text)
         self.num_features = FEATURE_SIZE
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
+        self.rank, self.world_size = rank, world_size
         self.num_workers, self.epoch = num_workers, 0
         self.block_rows, self.chunk_blocks = block_rows, chunk_blocks
         global_batch = batch_size * world_size
