@@ -410,3 +410,61 @@ def test_cuda_matches_cpu():
     layer_gpu = layer.to("cuda")
     out_gpu = layer_gpu(x.to("cuda"), task.to("cuda"), per_row=per_row)
     assert torch.allclose(out_cpu, out_gpu.cpu(), atol=1e-4)
+
+
+# ------------------------------------------------------------------------ C++ bucket lookup
+def basis_case(case, dtype, g):
+    """Sorted basis points that stress the C++ kernel's grid lookup of buckets."""
+    if case == "random":
+        s = torch.rand(64, generator=g, dtype=dtype) - 0.5
+    elif case == "ties":                                   # repeated points
+        s = torch.cat([torch.full((10,), 0.1, dtype=dtype), torch.rand(20, generator=g, dtype=dtype) - 0.5])
+    elif case == "crowded":                                # > 8 points in one grid cell
+        s = torch.cat([0.2 + 1e-7 * torch.arange(20, dtype=dtype), torch.rand(12, generator=g, dtype=dtype)])
+    elif case == "equal":                                  # zero span
+        s = torch.full((5,), -0.3, dtype=dtype)
+    elif case == "one":
+        s = torch.tensor([0.25], dtype=dtype)
+    elif case == "huge":                                   # the span overflows to inf in float32
+        s = torch.tensor([-3e38, -1.0, 0.0, 2.0, 3e38], dtype=dtype)
+    elif case == "tiny":                                   # denormal span: G / span overflows
+        s = torch.tensor([0.0, 1e-45, 1e-45, 3e-45], dtype=dtype)
+    elif case == "large":                                  # buckets not kept: found again in backward
+        s = torch.randn(300, generator=g, dtype=dtype)
+    return s.sort().values
+
+
+def inputs_for(s, g, dtype):
+    """Rows of N(0, 1) values, every basis point itself, its neighbours, +-inf and NaN."""
+    lo, hi = torch.full_like(s, -float("inf")), torch.full_like(s, float("inf"))
+    special = torch.cat([s, torch.nextafter(s, lo), torch.nextafter(s, hi),
+                         torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan")], dtype=dtype)])
+    a = torch.randn(6, 257, generator=g, dtype=dtype)
+    a.view(-1)[torch.randperm(a.numel(), generator=g)[:special.numel()]] = special
+    return a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["random", "ties", "crowded", "equal", "one", "huge", "tiny", "large"])
+def test_cpp_buckets_equal_searchsorted(case, dtype):
+    """The kernel's bucket of every element is #{m : s_m <= a} exactly, whatever the basis."""
+    ext = _tal_kernel._load_extension()
+    assert ext is not None, "the C++ kernel must build on this machine"
+    g = torch.Generator().manual_seed(7)
+    s = basis_case(case, dtype, g)
+    M, T = s.numel(), 3
+    a = inputs_for(s, g, dtype)
+    rt = torch.tensor([0, 2, 1, 1, 0, 2])
+    alpha = torch.randn(T, M, generator=g, dtype=dtype)
+    s_, _, _, A, S = _tal_kernel._sorted_tables(alpha, s.view(1, -1))
+    out, k = ext.forward(a, rt, s_, A, S, True)
+    ref_out, ref_k = _tal_kernel._torch_forward(a, rt, s_, A, S)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)   # same buckets, same rounding
+    if M <= 255:        # NaN: bucket 0 here, M in searchsorted; the output is NaN either way
+        assert torch.equal(k[~a.isnan()], ref_k[~a.isnan()])
+    finite = torch.nan_to_num(a, nan=0.0, posinf=1e3, neginf=-1e3)       # finite sums to compare
+    gr = torch.randn(a.shape, generator=g, dtype=dtype)
+    grad_a, sums = ext.backward(gr, finite, ext.forward(finite, rt, s_, A, S, True)[1], rt, s_, A, True)
+    ref_grad_a, ref_sums = _tal_kernel._torch_backward(gr, finite, ref_k[:0], rt, s_, A, True)
+    torch.testing.assert_close(grad_a, ref_grad_a, rtol=0, atol=0)
+    torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-9)
