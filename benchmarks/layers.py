@@ -13,13 +13,12 @@ follows the live tensors).
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from _peak import reset_peak, resident, run_child  # noqa: E402  (benchmarks/_peak.py)
 from Layers import TAL_Linear  # noqa: E402
 from Layers._tal_kernel import backend_for, tal_activation_naive  # noqa: E402
 
@@ -90,30 +89,18 @@ def peak_memory(method, basis, device):
         step()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               TAAN_TAL_BACKEND="torch" if method == "tal[torch]" else "auto")
-    out = subprocess.run([sys.executable, __file__, "--child", method, str(basis)],
-                         env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak"]
-
-
-def _vm(key):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
+    backend = "torch" if method == "tal[torch]" else "auto"
+    return run_child([__file__, "--child", method, str(basis)], TAAN_TAL_BACKEND=backend)["peak"]
 
 
 def child(method, basis):
     """One fresh process: warm up, reset the high-water mark, run once, report the rise."""
     step = setup(method, basis, torch.device("cpu"))
     step()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                          # reset VmHWM to the current VmRSS
-    base = _vm("VmRSS:")
+    reset_peak()
+    base = resident()
     step()
-    print(json.dumps({"peak": _vm("VmHWM:") - base}))
+    print(json.dumps({"peak": resident("VmHWM:") - base}))
 
 
 def main():
