@@ -8,6 +8,10 @@ Every network gets two warm-up steps; then the networks are timed in --repeats
 interleaved rounds and each keeps its fastest step (the one least disturbed by other load
 on the machine). Ratios are to the hard-sharing network measured in the same run.
 
+A second table times the shared trunk alone (the four conv + batch norm + activation +
+pooling blocks and the dense layer, everything but the heads; forward and backward of a
+fixed gradient): TAL activations with per-row tasks against the same trunk with ReLU.
+
     python benchmarks/omniglot_step.py [--device cpu] [--repeats 5] [--tasks 50 --batch 5]
 """
 import argparse
@@ -17,14 +21,16 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from Layers._tal_kernel import backend_for
-from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
+from Omniglot.TAAN import IMAGE_SIZE, HardSharing, build_model, multitask_loss, split_by_task
 
 # (label, model name, build kwargs, lambda, target time ratio to hard sharing)
 VARIANTS = [("hard", "hard", {}, 0.0, None),
             ("TAAN", "taan", {"basis": 32, "regularize": "distance"}, 0.1, 1.3),
             ("STL", "stl", {}, 0.0, None)]
+TRUNK_TARGET = 1.1     # TAL trunk / ReLU trunk, forward + backward
 
 
 def sync(device):
@@ -41,6 +47,24 @@ def train_step(model, opt, x, y, ids, lam):
     loss.backward()
     opt.step()
     return loss
+
+
+def trunk(model, x, ids):
+    """The shared trunk, everything but the heads: [B, 512] features."""
+    if isinstance(model, HardSharing):
+        return model.features(x)
+    for conv in model.convs:
+        x = F.max_pool2d(conv(x, ids, per_row=True), 2)
+    return model.fc(x.flatten(1), ids, per_row=True)
+
+
+def timed_trunk(model, x, ids, grad, device):
+    model.train()
+    sync(device)
+    t0 = time.perf_counter()
+    trunk(model, x, ids).backward(grad)
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def timed_step(model, opt, x, y, ids, lam, device):
@@ -80,9 +104,13 @@ def main(argv=None):
             train_step(model, opt, x, y, ids, lam)
         runs[label] = (model, opt, lam, target)
     times = {label: [] for label in runs}
+    trunks = {label: [] for label in ("hard", "TAAN") if label in runs}
+    grad = torch.randn(B, 512, generator=torch.Generator().manual_seed(1)).to(device)
     for _ in range(args.repeats):
         for label, (model, opt, lam, _) in runs.items():
             times[label].append(timed_step(model, opt, x, y, ids, lam, device))
+        for label in trunks:
+            trunks[label].append(timed_trunk(runs[label][0], x, ids, grad, device))
 
     print(f"Omniglot training iteration: {args.tasks} tasks x {args.batch} images of {IMAGE_SIZE}x{IMAGE_SIZE}, "
           f"device {device}, {torch.get_num_threads()} threads, TAL backend {backend_for(x)}, "
@@ -94,6 +122,11 @@ def main(argv=None):
         params = sum(q.numel() for q in model.parameters())
         verdict = "" if target is None else f"<= {target}: {'met' if t / base <= target else 'NOT met'}"
         print(f"{label:6s} {params:10d} {t:8.4f} {1 / t:7.2f} {t / base:6.2f}  {verdict}")
+    if len(trunks) == 2:
+        hard, tal = min(trunks["hard"]), min(trunks["TAAN"])
+        spread = ", ".join(f"{t / h:.2f}" for t, h in zip(trunks["TAAN"], trunks["hard"]))
+        print(f"trunk forward+backward: ReLU {1e3 * hard:.1f} ms, TAL {1e3 * tal:.1f} ms, ratio {tal / hard:.2f} "
+              f"(<= {TRUNK_TARGET}: {'met' if tal / hard <= TRUNK_TARGET else 'NOT met'}; per round: {spread})")
 
 
 if __name__ == "__main__":
