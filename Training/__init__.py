@@ -12,7 +12,7 @@ from .atomic import (atomic_append_text, atomic_path, atomic_savefig, atomic_sav
                      atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries)
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
                          read_checkpoint, resolve_resume, restore, training_state_checkpoint)
-from .cli import ArgumentParser, UserError, add_bool_argument, entry_point, split_glued_booleans, str2bool
+from .cli import ArgumentParser, UserError, add_bool_argument, entry_point, one_of, split_glued_booleans, str2bool
 from .metrics import MultiTaskMAPAtK, ap_at_k_sum, map_at_k
 from .runtime import count_parameters, default_path, project_home, resolve_device, seed_everything
 from .trainer import Dataflow, Experiment, Run, add_run_arguments, run
@@ -21,7 +21,7 @@ __all__ = ['atomic_append_text', 'atomic_path', 'atomic_savefig', 'atomic_savetx
            'atomic_write', 'atomic_write_json', 'atomic_write_text', 'remove_stale_temporaries',
            'CheckpointError', 'RNGState', 'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints',
            'read_checkpoint', 'resolve_resume', 'restore', 'training_state_checkpoint',
-           'ArgumentParser', 'UserError', 'add_bool_argument', 'entry_point', 'split_glued_booleans', 'str2bool',
+           'ArgumentParser', 'UserError', 'add_bool_argument', 'entry_point', 'one_of', 'split_glued_booleans', 'str2bool',
            'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
            'count_parameters', 'default_path', 'project_home', 'resolve_device', 'seed_everything',
            'Dataflow', 'Experiment', 'Run', 'add_run_arguments', 'run']

@@ -83,7 +83,8 @@ def atomic_torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _process_alive(pid):
+def process_alive(pid):
+    """Whether a process with this id exists on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +102,7 @@ def remove_stale_temporaries(folder):
     removed = []
     for name in os.listdir(folder):
         match = _TEMPORARY.match(name)
-        if match and not _process_alive(int(match.group(2))):
+        if match and not process_alive(int(match.group(2))):
             path = os.path.join(folder, name)
             if os.path.isdir(path):
                 continue

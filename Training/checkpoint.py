@@ -9,11 +9,13 @@ single `os.replace` (a crash never leaves a half-written file or no file at all)
   any other handler with a state_dict (early stopping, the best-model checkpoint),
   replaced after every epoch or every N iterations (`training_state_checkpoint`).
 
-`load_checkpoint` restores objects from a file and turns a damaged or foreign file into a
-clear error that names the file.
+`load_checkpoint` restores objects from a file after checking the CRC-32 of every part of
+it (`verify_checkpoint`), and turns a damaged or foreign file into a clear error that names
+the file.
 """
 import os
 import random
+import zipfile
 
 import ignite.distributed as idist
 import numpy as np
@@ -91,12 +93,32 @@ def make_checkpoints(dirname, model, objects, best_filename, state_filename, sco
     return best, state
 
 
+def verify_checkpoint(path):
+    """CheckpointError unless every entry of the checkpoint's zip container (torch.save's
+    format) matches the CRC-32 stored with it: a flipped byte anywhere in the weights, or a
+    file cut short, is found before anything is loaded. Files in torch's legacy (non-zip)
+    format carry no checksums and pass unchecked."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        bad, detail = None, f'{type(e).__name__}: {e}'
+    else:
+        detail = f'the data of {bad} fails its checksum' if bad else None
+    if detail:
+        raise CheckpointError(f'checkpoint {path} is damaged ({detail}). Delete it, or pass another checkpoint '
+                              'file (a resumed run can also start afresh without --resume).')
+
+
 def read_checkpoint(path):
-    """torch.load a checkpoint file (weights only) with clear errors."""
+    """torch.load a checkpoint file (weights only) after verifying its checksums, with clear errors."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f'checkpoint {path} does not exist: check the path (a run with --saveto DIR writes its '
                         'checkpoints into DIR)')
+    verify_checkpoint(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:

@@ -61,6 +61,21 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def one_of(names):
+    """argparse `type` that takes any of `names` in any case and returns its canonical
+    spelling (use with choices=names, so that --help lists them)."""
+    canonical = {str(n).lower(): n for n in names}
+
+    def convert(text):
+        try:
+            return canonical[str(text).lower()]
+        except KeyError:
+            raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(str, names))}; "
+                                             'any case)') from None
+    convert.__name__ = 'name'
+    return convert
+
+
 def str2bool(text):
     """'true/false/1/0/yes/no/on/off' (any case) -> bool; anything else is an argparse error."""
     if isinstance(text, bool):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import EarlyStopping, ProgressBar
+from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
 from .atomic import atomic_write_json, remove_stale_temporaries
 from .checkpoint import (CheckpointError, RNGState, load_checkpoint, make_checkpoints, read_checkpoint, resolve_resume,
@@ -78,6 +78,7 @@ class Experiment:
       resume_may_change        settings a resumed run may change (all others must match)
       distributed              whether it may run as one process of torchrun
     and define get_dataflow, initialize, loss, eval_step, metrics, config and finish.
+    `self.log(message)` prints a line (on the main process of a distributed run).
     """
     score = 'score'
     eval_split = 'valid'
@@ -85,6 +86,7 @@ class Experiment:
     regularization_constant = 0.0
     resume_may_change = ('resume', 'progress', 'debug', 'device', 'gpu', 'saveto')
     distributed = False
+    log = staticmethod(print)
 
     def __init__(self, args):
         self.args = args
@@ -161,6 +163,12 @@ class Run:
     progress: bool
     log: object
     best_weights: dict
+    step_timer: Timer
+
+    @property
+    def seconds_per_step(self):
+        """Mean time of a training step in this process (evaluations excluded), or None."""
+        return self.step_timer.value() if self.step_timer.step_count else None
 
     @property
     def main_process(self):
@@ -273,6 +281,7 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
     device = idist.device() if distributed else device
     main_process = idist.get_rank() == 0
     progress = show_progress(args.progress) and main_process
+    experiment.log = log if main_process else (lambda *a, **k: None)      # for messages of its own
     paths = {k: os.path.join(args.saveto, name) for k, name in experiment.files.items()} if args.saveto else None
     resume = resolve_resume(args.resume, paths['state'] if paths else None)     # bad flags fail before any work
     seed_everything(args.seed)     # the same on every process: models built from random draws agree
@@ -290,6 +299,9 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
                              after_step=getattr(core, 'after_step', None))
     evaluator = create_evaluator(core, experiment, metric_device(device), progress,
                                  desc=experiment.eval_split.capitalize())
+    step_timer = Timer(average=True)
+    step_timer.attach(trainer, start=Events.STARTED, resume=Events.ITERATION_STARTED,
+                      pause=Events.ITERATION_COMPLETED, step=Events.ITERATION_COMPLETED)
     bar = None
     if progress:
         bar = ProgressBar(persist=False, desc='Train')
@@ -356,7 +368,8 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
         trainer.run(data.train, max_epochs=data.max_epochs, epoch_length=data.epoch_length)
     if bar is not None:
         bar.close()
-    run = Run(experiment, core, data, device, trainer, early_stopping, history, paths, progress, say, best_weights)
+    run = Run(experiment, core, data, device, trainer, early_stopping, history, paths, progress, say, best_weights,
+              step_timer)
     if main_process and run.stopped_early:
         log(f'Stopped early: {early_stopping.patience} evaluations without a higher {experiment.score}.')
     result.update(experiment.finish(run))

@@ -39,10 +39,12 @@ import ignite.distributed as idist
 import torch
 
 from Layers.DMTRL_pytorch import METHODS
-from Layers.TAL_pytorch import PAPER_REGULARIZERS
+from Layers.TAL_pytorch import PAPER_REGULARIZERS, layer_regularizer
 from Training import (ArgumentParser, Dataflow, Experiment, MultiTaskMAPAtK, add_bool_argument, add_run_arguments,
-                      atomic_savetxt, entry_point, load_checkpoint, run, split_glued_booleans)
-from Youtube8M.data import DEFAULT_DATA_PATH, read_task_names
+                      atomic_savetxt, count_parameters, entry_point, load_checkpoint, one_of, run,
+                      split_glued_booleans)
+from Youtube8M.data import DEFAULT_DATA_PATH
+from Youtube8M.datafolder import read_data_folder
 from Youtube8M.models import MODELS, build_model, multitask_loss
 from Youtube8M.torch_loader import EvalSteps, MultiTask_Dataloader, TrainSteps
 
@@ -58,12 +60,17 @@ def build_parser():
     p.add_argument('--max_epoch', default=10, type=int, help='max number of epochs (default 10)')
     p.add_argument('--hidden_feature', default=1024, type=int, help='width of the hidden layers (default 1024)')
     p.add_argument('--lr', default=1e-4, type=float, help='learning rate (default 1e-4)')
-    p.add_argument('--model', default='STL', choices=MODELS, help='model type (default STL)')
+    p.add_argument('--model', default='STL', type=one_of(MODELS), choices=MODELS,
+                   help='model type, any case (default STL)')
     p.add_argument('--checkname', default='', help='folder with a {model}.pth to start from (with --max_epoch 0: '
                    'just test it)')
     # TAAN
     p.add_argument('--taan_constant', default=1.0, type=float, help='coefficient of the TAAN regulariser')
-    p.add_argument('--regularize', default=None, choices=PAPER_REGULARIZERS, help='TAAN regulariser (default none)')
+    p.add_argument('--regularize', default=None, type=one_of(PAPER_REGULARIZERS), choices=PAPER_REGULARIZERS,
+                   help='TAAN regulariser, any case (default none)')
+    p.add_argument('--original_variant', action='store_true',
+                   help="TAAN: the original code's tracenorm / cosine formulas (tracenorm_original, "
+                        "cosine_original) instead of the paper's")
     p.add_argument('--basis', default=24, type=int, help='number of TAAN basis functions (default 24)')
     # MRN
     add_bool_argument(p, '--regularization_task', help='MRN: update the task covariance')
@@ -72,7 +79,8 @@ def build_parser():
     p.add_argument('--update_interval', default=50, type=int, help='MRN: steps between covariance updates')
     p.add_argument('--mrn_constant', default=1e-3, type=float, help='coefficient of the MRN regulariser')
     # DMTRL
-    p.add_argument('--method', default='Tucker', choices=METHODS, help='DMTRL tensor factorisation')
+    p.add_argument('--method', default='Tucker', type=one_of(METHODS), choices=METHODS,
+                   help='DMTRL tensor factorisation, any case')
     # device
     p.add_argument('--gpu', default=None, help='GPU id (original flag): with --device auto, use cuda:GPU when '
                    'CUDA is available (default 0)')
@@ -122,27 +130,28 @@ class Youtube8M(Experiment):
 
     def get_dataflow(self, device):
         args = self.args
+        folder = read_data_folder(args.data_path)
 
         def split(mode, shuffle):
             return MultiTask_Dataloader(mode, args.batch_size, shuffle=shuffle, data_path=args.data_path,
                                         num_workers=args.num_workers, seed=args.seed, rank=idist.get_rank(),
-                                        world_size=idist.get_world_size(), drop_last=False)[0]
+                                        world_size=idist.get_world_size(), drop_last=False, folder=folder)[0]
 
-        train = split('train', True)
-        self.device, self.num_tasks = device, len(train)
-        num_classes = [loader.num_classes for loader in train]
-        steps = TrainSteps(train)
+        self.device, self.num_tasks = device, len(folder.tasks)
+        steps = TrainSteps(split('train', True))
         return Dataflow(train=steps, evaluate=EvalSteps(split('valid', False)), test=EvalSteps(split('test', False)),
                         epoch_length=len(steps), max_epochs=args.max_epoch,
-                        info={'num_classes': num_classes, 'in_features': train[0].num_features,
-                              'tasks': read_task_names(args.data_path, len(train))
-                              or [f'task {t}' for t in range(len(train))]})
+                        info={'num_classes': folder.num_classes, 'in_features': folder.num_features,
+                              'tasks': folder.tasks, 'synthetic': folder.synthetic})
 
     def initialize(self, data, device):
         args = self.args
+        if args.model == 'DMTRL':
+            self.log(f'DMTRL ({args.method}): decomposing the initial weight tensors of its three layers with the '
+                     "original's rank rule (at hidden 1024 this takes a minute or more per layer)...")
         model = build_model(args.model, data.info['in_features'], args.hidden_feature, data.info['num_classes'],
-                            basis=args.basis, regularize=args.regularize, method=args.method,
-                            regularization_task=args.regularization_task,
+                            basis=args.basis, regularize=layer_regularizer(args.regularize, args.original_variant),
+                            method=args.method, regularization_task=args.regularization_task,
                             regularization_feature=args.regularization_feature,
                             regularization_input=args.regularization_input,
                             update_interval=args.update_interval).to(device)
@@ -178,7 +187,9 @@ class Youtube8M(Experiment):
                 atomic_savetxt(paths['task'], per_task)
                 atomic_savetxt(paths['average'], mean)
                 run.log(f'Results written to {paths["task"]} and {paths["average"]}')
-        return {'task_mAP': per_task, 'mAP': mean, 'epochs': run.trainer.state.epoch, 'paths': paths}
+        return {'task_mAP': per_task, 'mAP': mean, 'epochs': run.trainer.state.epoch, 'paths': paths,
+                'parameters': count_parameters(run.model), 'seconds_per_step': run.seconds_per_step,
+                'tasks': run.data.info['tasks'], 'synthetic': run.data.info['synthetic']}
 
 
 def main(argv=None, setup_hook=None):

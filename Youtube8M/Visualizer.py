@@ -1,66 +1,83 @@
 """Task relations learned by a trained TAAN: heat maps and spectral clusters of the tasks.
 
     python -m Youtube8M.Visualizer --checkpoint results/TAAN/TAAN.pth --clusters 3
+    cd Youtube8M && python Visualizer.py --hidden_feature 1024 --basis 64 --path results/TAAN   # the original's
 
 For every TAL layer of the model, with f_t the activation function of task t:
 
     distance  D[i, j] = E_z[(f_i(z) - f_j(z))^2],           z ~ N(0, 1)
     cosine    C[i, j] = E_z[f_i f_j] / sqrt(E_z[f_i^2] E_z[f_j^2])
 
-are drawn as T x T heat maps labelled with the task names (from tasks.json in the data
-folder when present, else the 16 Youtube-8M categories), written as PNG and PDF. The tasks
+are drawn as T x T heat maps labelled with the task names (the names the model was trained
+with, or those of --data_path), written as PNG and PDF. The tasks
 are then grouped by spectral clustering on the affinity A = exp(-D / median(D)) (median of
 the off-diagonal entries), one clustering per layer, printed and written to a text file.
 
 Files in --out (default: the checkpoint's folder):
   {model}-task_distance.png/.pdf, {model}-task_cosine.png/.pdf, {model}-task_clusters.txt
 
-The checkpoint is the best-model file written by Trainer.py ({saveto}/TAAN.pth); the
-settings to rebuild the model are read from {saveto}/TAAN-config.json next to it.
+The checkpoint is the best-model file written by Trainer.py ({saveto}/TAAN.pth, or
+--path DIR for DIR/TAAN.pth as in the original); the settings to rebuild the model are read
+from {saveto}/TAAN-config.json next to it. A checkpoint without that file is rebuilt from
+--hidden_feature and --basis (the original's flags, defaults 1024 and 64) and the tasks of
+--data_path; with the file, those flags must agree with it.
 """
 import json
 import os
 
-from matplotlib.figure import Figure
 import numpy as np
+from matplotlib.figure import Figure
 from sklearn.cluster import SpectralClustering
 
 from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix
 from Training import ArgumentParser, UserError, atomic_savefig, atomic_write_text, entry_point, load_checkpoint
-from Youtube8M.data import TASKS, read_task_names
+from Youtube8M.data import DEFAULT_DATA_PATH
+from Youtube8M.datafolder import read_data_folder
 from Youtube8M.models import build_model
 
+ORIGINAL_DEFAULTS = {'hidden_feature': 1024, 'basis': 64}     # the original visualiser's
 
 
-def load_taan(checkpoint):
-    """(model, config) from a best-model file of Trainer.py and its {model}-config.json."""
+def load_taan(checkpoint, data_path=None, hidden_feature=None, basis=None):
+    """(model, config) from a best-model file of Trainer.py and its {model}-config.json;
+    without the config, from hidden_feature / basis and the tasks of data_path."""
     if not os.path.isfile(checkpoint):
         raise UserError(f'checkpoint {checkpoint} does not exist (Trainer.py --model TAAN --saveto DIR '
                         'writes DIR/TAAN.pth)')
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     config_path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), f'{stem}-config.json')
-    if not os.path.isfile(config_path):
+    given = {'hidden_feature': hidden_feature, 'basis': basis}
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            config = json.load(f)
+        if config.get('model') != 'TAAN':
+            raise UserError(f'{checkpoint} is a {config.get("model")} model: the visualiser needs a TAAN checkpoint')
+        differ = [f'--{k} {v} (the model has {config[k]})' for k, v in given.items() if v is not None and v != config[k]]
+        if differ:
+            raise UserError(f'{", ".join(differ)}: {config_path} describes the model; leave those flags out')
+    elif data_path is None and not os.path.isdir(DEFAULT_DATA_PATH):
         raise UserError(f'{config_path} not found: it is written by Youtube8M/Trainer.py next to the best '
-                        'model and holds the settings needed to rebuild it')
-    with open(config_path) as f:
-        config = json.load(f)
-    if config.get('model') != 'TAAN':
-        raise UserError(f'{checkpoint} is a {config.get("model")} model: the visualiser needs a TAAN checkpoint')
+                        'model and holds the settings needed to rebuild it (or give --data_path, '
+                        '--hidden_feature and --basis)')
+    else:       # a checkpoint without our config (e.g. the original's): the flags and the data
+        folder = read_data_folder(data_path or DEFAULT_DATA_PATH, ('train',))
+        config = {k: ORIGINAL_DEFAULTS[k] if v is None else v for k, v in given.items()}
+        config.update(model='TAAN', in_features=folder.num_features, num_classes=folder.num_classes,
+                      tasks=folder.tasks, regularize=None)
     model = build_model('TAAN', config['in_features'], config['hidden_feature'], config['num_classes'],
-                        basis=config['basis'], regularize=config['regularize'])
+                        basis=config['basis'])
     load_checkpoint(checkpoint, {'model': model})
     return model.eval(), config
 
 
-def task_labels(num_tasks, data_path=None, config=None):
-    """Task names: tasks.json of the data folder, else the config, else the 16 categories."""
-    names = read_task_names(data_path, num_tasks) if data_path else None
-    if names:
-        return names
-    names = (config or {}).get('tasks')
-    if isinstance(names, list) and len(names) == num_tasks and not str(names[0]).startswith('task '):
-        return names
-    return TASKS if num_tasks == len(TASKS) else [f'task {t}' for t in range(num_tasks)]
+def task_labels(config, data_path=None):
+    """Task names: those of --data_path when given, else those the model was trained with."""
+    names = read_data_folder(data_path, ('train',)).tasks if data_path else config.get('tasks')
+    T = len(config['num_classes'])
+    if not isinstance(names, list) or len(names) != T:
+        raise UserError(f'the model has {T} tasks, but {data_path or "its config"} names '
+                        f'{len(names) if isinstance(names, list) else "no"} tasks')
+    return names
 
 
 def layer_matrices(model):
@@ -104,15 +121,15 @@ def heatmaps(matrices, names, title):
     return fig
 
 
-def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
+def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0, hidden_feature=None, basis=None):
     """Write the heat maps and the clusters of a TAAN checkpoint; returns
     {'files': [...], 'groups': [per layer: list of groups of task names]}."""
-    model, config = load_taan(checkpoint)
+    model, config = load_taan(checkpoint, data_path, hidden_feature, basis)
     matrices = layer_matrices(model)
     T = matrices[0][0].shape[0]
     if not 1 <= clusters <= T:
         raise UserError(f'--clusters must be between 1 and the number of tasks ({T}), got {clusters}')
-    names = task_labels(T, data_path or config.get('data_path'), config)
+    names = task_labels(config, data_path)
     out = out or os.path.dirname(os.path.abspath(checkpoint))
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     files = []
@@ -140,13 +157,24 @@ def visualize(checkpoint, data_path=None, out=None, clusters=3, seed=0):
 
 def main(argv=None):
     p = ArgumentParser(description='Heat maps and spectral clusters of the tasks of a trained TAAN.')
-    p.add_argument('--checkpoint', required=True, help='best-model file written by Trainer.py (DIR/TAAN.pth)')
-    p.add_argument('--data_path', default=None, help='data folder with tasks.json for the task names '
-                   '(default: the one used for training)')
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument('--checkpoint', help='best-model file written by Trainer.py (DIR/TAAN.pth)')
+    where.add_argument('--path', help="the original's flag: a folder with TAAN.pth; the figures are written there")
+    p.add_argument('--data_path', default=None, help='data folder whose task names label the figures (default: '
+                   'the names the model was trained with)')
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
     p.add_argument('--clusters', default=3, type=int, help='number of task groups per layer (default 3)')
+    p.add_argument('--hidden_feature', default=None, type=int, help="the original's flag: hidden width of a "
+                   "checkpoint without its config file (default 1024; must agree with the config when there is one)")
+    p.add_argument('--basis', default=None, type=int, help="the original's flag: basis functions of a checkpoint "
+                   'without its config file (default 64)')
+    p.add_argument('--taan_constant', default=None, type=float, help="the original's flag; it does not change "
+                   'the figures and is ignored')
+    p.add_argument('--gpu', default=None, help="the original's flag; ignored (the matrices take no time on the CPU)")
     args = p.parse_args(argv)
-    result = visualize(args.checkpoint, args.data_path, args.out, args.clusters)
+    checkpoint = args.checkpoint or os.path.join(args.path, 'TAAN.pth')
+    result = visualize(checkpoint, args.data_path, args.out, args.clusters, hidden_feature=args.hidden_feature,
+                       basis=args.basis)
     print('Figures written:\n  ' + '\n  '.join(result['files']))
     return result
 

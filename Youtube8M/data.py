@@ -1,6 +1,7 @@
 """Convert Youtube-8M video-level TFRecords into one HDF5 file per (split, task).
 
-No TensorFlow is needed: records are read with the `tfrecord` package.
+No TensorFlow is needed: records are read here (every record's length and data CRC-32C
+checked) and parsed with the `tfrecord` package's protobuf classes.
 
 Input (the public Youtube-8M video-level release):
   vocabulary.csv          columns Index, TrainVideoCount, KnowledgeGraphId, Name, WikiUrl,
@@ -17,15 +18,19 @@ several tasks); labels of other verticals are ignored.
 Splits: train = the train files. The validate files are sorted, shuffled with `seed` and cut
 into two halves of files: the first half is `valid`, the second `test`.
 
-Output in --out DIR:
+Output in --out DIR (the layout of `Youtube8M.datafolder`):
   {split}_task_{t}.hdf5   datasets  features  float32 [N, 1152]  (mean_rgb then mean_audio)
                                     labels    uint8   [N, C_t]   (0/1)
-                          attribute num_classes = C_t
-  tasks.json              task names, class names per task, video counts per split and task
+                          attributes num_classes = C_t, conversion = this conversion's id
+  tasks.json              task names, class names per task, video counts per split and task,
+                          and the manifest (conversion id, every file's rows and bytes)
 
 Records are streamed: each task keeps a small buffer that is appended to resizable HDF5
-datasets, so memory does not grow with the split. Every file is written under a temporary
-name and renamed when complete.
+datasets, so memory does not grow with the split. Nothing damaged gets through: a record
+whose length or data fails its checksum, a file cut short, or a video with NaN or Inf
+features stops the conversion with the file and the record number. The conversion is
+written into a staging folder beside DIR, tasks.json last, and then replaces DIR as a
+whole, so a killed conversion never leaves a mix of old and new files.
 
 Usage:
   python -m Youtube8M.data --vocabulary vocabulary.csv \
@@ -34,17 +39,22 @@ Usage:
 import contextlib
 import csv
 import glob
-import json
 import os
 import random
+import re
+import shutil
+import struct
+import uuid
 
+import crc32c
 import h5py
 import numpy as np
 from tfrecord import example_pb2
-from tfrecord.reader import tfrecord_iterator
 from tqdm import tqdm
 
-from Training import ArgumentParser, UserError, atomic_path, atomic_write_json, default_path, entry_point
+from Training import ArgumentParser, UserError, atomic_write_json, default_path, entry_point
+from Training.atomic import process_alive
+from Youtube8M.datafolder import SPLITS, task_file
 
 TASKS = [
     "Arts & Entertainment", "Games", "Autos & Vehicles", "Sports",
@@ -54,14 +64,8 @@ TASKS = [
 ]
 RGB_SIZE, AUDIO_SIZE = 1024, 128
 FEATURE_SIZE = RGB_SIZE + AUDIO_SIZE
-SPLITS = ("train", "valid", "test")
 VOCABULARY_COLUMNS = ("Index", "Name", "Vertical1")
 DEFAULT_DATA_PATH = default_path("data", "youtube8m")
-
-
-def task_file(data_dir, split, task):
-    """Path of the HDF5 file of one (split, task)."""
-    return os.path.join(data_dir, "%s_task_%d.hdf5" % (split, task))
 
 
 class Vocabulary:
@@ -149,12 +153,50 @@ def _float_feature(feature, key, size, where):
     return values
 
 
+def _masked_crc(data):
+    """The masked CRC-32C that TFRecord files store with each length and payload."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def read_tfrecord(path):
+    """Yield the payload of every record of a TFRecord file, each checked against the
+    CRC-32C of its length field and of its data; a damaged or cut-short record is a
+    UserError naming the file and the record number."""
+    def damaged(n, why):
+        return UserError("%s: record %d %s; the file is damaged: download it again (nothing was converted)"
+                         % (path, n, why))
+
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) < 12:
+                raise damaged(n, "is cut short inside its length field")
+            length, length_crc = struct.unpack("<QI", header)
+            if _masked_crc(header[:8]) != length_crc:
+                raise damaged(n, "has a length field that fails its checksum")
+            data, footer = f.read(length), f.read(4)
+            if len(data) < length or len(footer) < 4:
+                raise damaged(n, "is cut short (the file ends inside it)")
+            if _masked_crc(data) != struct.unpack("<I", footer)[0]:
+                raise damaged(n, "fails its data checksum")
+            yield data
+            n += 1
+
+
 def read_records(path):
     """Yield (video id, labels int64 [k], features float32 [1152]) for each record of a file."""
-    for n, record in enumerate(tfrecord_iterator(path)):
+    for n, record in enumerate(read_tfrecord(path)):
         where = "record %d of %s" % (n, path)
         example = example_pb2.Example()
-        example.ParseFromString(record)
+        try:
+            example.ParseFromString(record)
+        except Exception as e:      # protobuf's DecodeError
+            raise UserError("%s is not a tf.train.Example (%s); video-level Youtube-8M records are needed"
+                            % (where, e)) from None
         feature = example.features.feature
         if "labels" not in feature:
             raise UserError("%s has no feature 'labels'; video-level Youtube-8M records are "
@@ -162,8 +204,11 @@ def read_records(path):
         x = np.empty(FEATURE_SIZE, dtype=np.float32)
         x[:RGB_SIZE] = _float_feature(feature, "mean_rgb", RGB_SIZE, where)
         x[RGB_SIZE:] = _float_feature(feature, "mean_audio", AUDIO_SIZE, where)
-        labels = np.asarray(feature["labels"].int64_list.value, dtype=np.int64)
         video_id = feature["id"].bytes_list.value[0] if "id" in feature else b""
+        if not np.isfinite(x).all():
+            raise UserError("%s (video %r) has NaN or Inf features; the file is damaged: download it again"
+                            % (where, video_id))
+        labels = np.asarray(feature["labels"].int64_list.value, dtype=np.int64)
         yield video_id, labels, x
 
 
@@ -171,8 +216,9 @@ class TaskWriter:
     """Appends (features, labels) rows of one task to a resizable HDF5 file, in buffered
     chunks; a context manager that writes the last rows and closes the file on success."""
 
-    def __init__(self, path, num_classes, buffer_rows=4096):
+    def __init__(self, path, num_classes, conversion, buffer_rows=4096):
         self.file = h5py.File(path, "w")
+        self.file.attrs["conversion"] = conversion
         self.features = self.file.create_dataset(
             "features", (0, FEATURE_SIZE), maxshape=(None, FEATURE_SIZE), dtype=np.float32,
             chunks=(128, FEATURE_SIZE))
@@ -211,12 +257,11 @@ class TaskWriter:
         self.file.close()
 
 
-def convert_split(files, split, vocabulary, out_dir):
-    """Stream the records of `files` into the 16 task files of `split` (each written under
-    a temporary name and renamed when complete). Returns (videos per task, videos)."""
+def convert_split(files, split, vocabulary, out_dir, conversion):
+    """Stream the records of `files` into the 16 task files of `split` in out_dir.
+    Returns (videos per task, videos)."""
     with contextlib.ExitStack() as stack:
-        writers = [stack.enter_context(TaskWriter(stack.enter_context(atomic_path(task_file(out_dir, split, t))),
-                                                  vocabulary.num_classes[t]))
+        writers = [stack.enter_context(TaskWriter(task_file(out_dir, split, t), vocabulary.num_classes[t], conversion))
                    for t in range(len(TASKS))]
         videos = 0
         bar = tqdm(files, desc="%s files" % split, unit="file", disable=None)    # a bar on a terminal only
@@ -231,38 +276,78 @@ def convert_split(files, split, vocabulary, out_dir):
         return [w.count + w.filled for w in writers], videos
 
 
+OUR_FILE = re.compile(r"^(tasks\.json|(train|valid|test)_task_\d+\.hdf5)$")
+
+
+def check_output_folder(out_dir):
+    """UserError if out_dir holds anything but a conversion (and raw/, kept as it is)."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise UserError("--out %s is a file, not a folder" % out_dir)
+        return
+    foreign = sorted(e for e in os.listdir(out_dir)
+                     if not OUR_FILE.match(e) and e != "raw" and not e.startswith("."))
+    if foreign:
+        raise UserError("--out %s holds files that a conversion did not write (%s): a conversion replaces "
+                        "the whole folder, so convert into an empty folder or one a conversion wrote"
+                        % (out_dir, ", ".join(foreign[:5])))
+
+
+def replace_folder(staging, out_dir):
+    """Put the finished staging folder in place of out_dir (its raw/ moves along)."""
+    if os.path.isdir(os.path.join(out_dir, "raw")):
+        os.replace(os.path.join(out_dir, "raw"), os.path.join(staging, "raw"))
+    old = "%s.old-%d" % (out_dir, os.getpid())
+    if os.path.isdir(out_dir):
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_dead_staging(out_dir):
+    """Staging and old folders beside out_dir left by killed conversions."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    pattern = re.compile(r"^%s\.(staging|old)-(\d+)$" % re.escape(name))
+    for entry in os.listdir(parent):
+        match = pattern.match(entry)
+        if match and not process_alive(int(match.group(2))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
 def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):
-    """Convert the TFRecords matching the globs `train` / `valid` into `out_dir`.
+    """Convert the TFRecords matching the globs `train` / `valid` into `out_dir`, which is
+    replaced as a whole when the conversion is complete.
 
     Returns the dictionary written to out_dir/tasks.json (plus `extra_info`).
     """
     vocab = Vocabulary(vocabulary)
     train_files = list_files(train, "train")
     valid_files, test_files = split_validate_files(list_files(valid, "validate"), seed)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(out_dir)
+    check_output_folder(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    remove_dead_staging(out_dir)
+    staging = "%s.staging-%d" % (out_dir, os.getpid())
+    conversion = uuid.uuid4().hex
     info = {"tasks": TASKS, "classes": vocab.classes, "num_classes": vocab.num_classes,
             "feature_size": FEATURE_SIZE, "seed": seed, "counts": {}, "videos": {}, "files": {}}
-    for split, files in zip(SPLITS, (train_files, valid_files, test_files)):
-        counts, videos = convert_split(files, split, vocab, out_dir)
-        info["counts"][split] = counts
-        info["videos"][split] = videos
-        info["files"][split] = [os.path.basename(f) for f in files]
-    info.update(extra_info or {})
-    atomic_write_json(os.path.join(out_dir, "tasks.json"), info)
+    try:
+        os.makedirs(staging)
+        for split, files in zip(SPLITS, (train_files, valid_files, test_files)):
+            counts, videos = convert_split(files, split, vocab, staging, conversion)
+            info["counts"][split] = counts
+            info["videos"][split] = videos
+            info["files"][split] = [os.path.basename(f) for f in files]
+        info.update(extra_info or {})
+        info["manifest"] = {"conversion": conversion, "files": {
+            os.path.basename(task_file(staging, split, t)): {
+                "rows": info["counts"][split][t], "bytes": os.path.getsize(task_file(staging, split, t))}
+            for split in SPLITS for t in range(len(TASKS))}}
+        atomic_write_json(os.path.join(staging, "tasks.json"), info)       # last: the folder is complete
+        replace_folder(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return info
-
-
-def read_task_names(data_dir, num_tasks):
-    """The task names stored in data_dir/tasks.json, or None when there are none for
-    `num_tasks` tasks (no file, or another number of tasks)."""
-    path = os.path.join(data_dir, "tasks.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        names = json.load(f).get("tasks")
-    if isinstance(names, list) and len(names) == num_tasks:
-        return [str(n) for n in names]
-    return None
 
 
 def main(argv=None):

@@ -47,8 +47,8 @@ from tfrecord.writer import TFRecordWriter
 from tqdm import tqdm
 
 from Training import ArgumentParser, atomic_path, entry_point
-from Youtube8M.data import (AUDIO_SIZE, DEFAULT_DATA_PATH, FEATURE_SIZE, RGB_SIZE, SPLITS, TASKS, convert,
-                            task_file)
+from Youtube8M.data import AUDIO_SIZE, DEFAULT_DATA_PATH, FEATURE_SIZE, RGB_SIZE, TASKS, convert
+from Youtube8M.datafolder import task_file
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 OFF_TASK_VERTICAL = "Reference"
@@ -210,34 +210,37 @@ def generate_tfrecords(raw_dir, seed=0, **config):
 def make_synthetic_data(out_dir, seed=0, keep_raw=False, **config):
     """Generate synthetic TFRecords and convert them into out_dir (HDF5 + tasks.json).
 
-    The TFRecords go to a temporary folder (or out_dir/raw with keep_raw). Returns tasks.json's dict.
+    The TFRecords are written into a temporary folder beside out_dir (kept as out_dir/raw
+    with keep_raw). Returns tasks.json's dict.
     """
-    os.makedirs(out_dir, exist_ok=True)
-    raw_dir = os.path.join(out_dir, "raw") if keep_raw else tempfile.mkdtemp(prefix=".raw-", dir=out_dir)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    raw_dir = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".raw-", dir=os.path.dirname(out_dir))
     try:
         gen = generate_tfrecords(raw_dir, seed, **config)
         extra = {"synthetic": True, "synthetic_groups": gen["synthetic_groups"],
                  "synthetic_config": gen["synthetic_config"]}
-        return convert(os.path.join(raw_dir, "vocabulary.csv"),
-                       os.path.join(raw_dir, "train*.tfrecord"),
+        info = convert(os.path.join(raw_dir, "vocabulary.csv"), os.path.join(raw_dir, "train*.tfrecord"),
                        os.path.join(raw_dir, "validate*.tfrecord"), out_dir, seed, extra)
+        if keep_raw:
+            shutil.rmtree(os.path.join(out_dir, "raw"), ignore_errors=True)
+            os.replace(raw_dir, os.path.join(out_dir, "raw"))
+        return info
     finally:
-        if not keep_raw:
-            shutil.rmtree(raw_dir, ignore_errors=True)
+        shutil.rmtree(raw_dir, ignore_errors=True)
 
 
 def data_present(data_dir):
-    """True when tasks.json and all 48 task files exist in data_dir."""
-    paths = [os.path.join(data_dir, "tasks.json")]
-    paths += [task_file(data_dir, s, t) for s in SPLITS for t in range(len(TASKS))]
-    return all(os.path.isfile(p) for p in paths)
+    """True when data_dir holds data (tasks.json or a first task file), synthetic or not."""
+    return os.path.isfile(os.path.join(data_dir, "tasks.json")) or os.path.isfile(task_file(data_dir, "train", 0))
 
 
 def ensure_builtin_data(data_dir=DEFAULT_DATA_PATH, seed=0, **config):
-    """Create the built-in synthetic data in data_dir unless its HDF5 files are already there.
+    """Create the built-in synthetic data in data_dir unless data is already there.
 
-    Existing data (synthetic or real) is left untouched. Returns data_dir. In distributed
-    runs call it on one process and wait (barrier) before the others read.
+    Existing data (synthetic or real) is left untouched (the loader checks it). Returns
+    data_dir. In distributed runs call it on one process and wait (barrier) before the
+    others read.
     """
     if not data_present(data_dir):
         make_synthetic_data(data_dir, seed, **config)

@@ -39,40 +39,8 @@ import numpy as np
 import torch
 
 from Training import UserError
-from Youtube8M.data import DEFAULT_DATA_PATH, FEATURE_SIZE, SPLITS, TASKS, task_file
-
-
-
-def how_to_create(data_path):
-    return ("create it with `python -m Youtube8M.synthetic --out %s` (built-in synthetic data) or "
-            "`python -m Youtube8M.data --vocabulary vocabulary.csv --train 'train*.tfrecord' "
-            "--valid 'validate*.tfrecord' --out %s` (real Youtube-8M data)" % (data_path, data_path))
-
-
-def check_task_file(path, help_text=""):
-    """Validate one task file; returns (num_samples, num_classes)."""
-    if not os.path.isfile(path):
-        raise UserError("task file %s is missing; %s" % (path, help_text))
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise UserError("%s is not a readable HDF5 file (%s); %s" % (path, e, help_text))
-    with f:
-        missing = [k for k in ("features", "labels") if k not in f]
-        if missing or "num_classes" not in f.attrs:
-            raise UserError("%s lacks %s; %s" % (path, ", ".join(missing) or "attribute num_classes",
-                                                   help_text))
-        x, y, c = f["features"], f["labels"], int(f.attrs["num_classes"])
-        if x.ndim != 2 or x.shape[1] != FEATURE_SIZE:
-            raise UserError("features of %s have shape %s, expected [N, %d] video-level features "
-                            "(mean_rgb 1024 + mean_audio 128); %s"
-                            % (path, x.shape, FEATURE_SIZE, help_text))
-        if y.shape != (x.shape[0], c):
-            raise UserError("labels of %s have shape %s, expected [N=%d, num_classes=%d]; %s"
-                            % (path, y.shape, x.shape[0], c, help_text))
-        if x.shape[0] == 0:
-            raise UserError("%s holds no videos; %s" % (path, help_text))
-        return x.shape[0], c
+from Youtube8M.data import DEFAULT_DATA_PATH
+from Youtube8M.datafolder import SPLITS, check_file_values, check_values, file_shape, read_data_folder, task_file
 
 
 class _Failure:
@@ -120,22 +88,28 @@ def _prefetch(batches, depth):
 
 
 class TaskLoader:
-    """Batches (features float32 [b, 1152], labels float32 [b, C]) of one task file.
+    """Batches (features float32 [b, D], labels float32 [b, C]) of one task file.
 
-    len(loader) is the number of batches per epoch, the same on every rank.
+    len(loader) is the number of batches per epoch, the same on every rank. The file's
+    values (finite features, 0/1 labels) are checked once, here, unless `checked` says the
+    converter has checked them.
     """
 
     def __init__(self, path, batch_size, shuffle=True, seed=0, rank=0, world_size=1,
                  drop_last=False, num_workers=0, task=0, in_memory=None, max_memory_mb=1024,
-                 block_rows=512, chunk_blocks=64, help_text=""):
+                 block_rows=512, chunk_blocks=64, num_features=None, num_classes=None, checked=False):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1, got %d" % batch_size)
         if not 0 <= rank < world_size:
             raise ValueError("need 0 <= rank < world_size, got rank %d, world_size %d"
                              % (rank, world_size))
         self.path, self.task = path, task
-        self.num_samples, self.num_classes = check_task_file(path, help_text)
-        self.num_features = FEATURE_SIZE
+        self.num_samples, self.num_features, self.num_classes = file_shape(path)
+        for what, found, expected in (("features", self.num_features, num_features),
+                                      ("classes", self.num_classes, num_classes)):
+            if expected is not None and found != expected:
+                raise UserError("%s has %d %s, the train file of the same task %d: every split of a task "
+                                "must have the same features and classes" % (path, found, what, expected))
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.epoch = num_workers, 0
@@ -149,11 +123,15 @@ class TaskLoader:
             raise UserError("%s has %d videos, fewer than one batch of batch_size x world_size = "
                             "%d with drop_last=True; use a smaller batch size"
                             % (path, self.num_samples, global_batch))
-        nbytes = self.num_samples * (FEATURE_SIZE * 4 + self.num_classes)
+        nbytes = self.num_samples * (self.num_features * 4 + self.num_classes)
         self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
         if self.in_memory:
             with h5py.File(path, "r") as f:
                 self.features, self.labels = f["features"][:], f["labels"][:]
+            if not checked:
+                check_values(path, self.features, self.labels)
+        elif not checked:
+            check_file_values(path)
 
     def __len__(self):
         return self.num_batches
@@ -215,7 +193,7 @@ class TaskLoader:
         if not self.in_memory:
             f = h5py.File(self.path, "r")
             rows = max(len(perm) for _, perm in chunks)
-            buffers = (np.empty((rows, FEATURE_SIZE), dtype=np.float32),
+            buffers = (np.empty((rows, self.num_features), dtype=np.float32),
                        np.empty((rows, self.num_classes), dtype=f["labels"].dtype))
         loaded, x, y = -1, None, None
         try:
@@ -297,22 +275,22 @@ class EvalSteps:
 
 
 def MultiTask_Dataloader(mode, batch_size, shuffle=True, data_path=None, num_workers=0, seed=0,
-                         rank=0, world_size=1, drop_last=False, max_memory_mb=1024):
+                         rank=0, world_size=1, drop_last=False, max_memory_mb=1024, folder=None):
     """Per-task loaders of split `mode` ('train', 'valid' or 'test') and their class counts.
 
-    Returns (loaders, num_classes): loaders[t] is a TaskLoader of task t (in the order of
-    Youtube8M.data.TASKS) and num_classes[t] its class count. num_workers > 0 prepares that
-    many batches ahead in a background thread. Tasks larger than max_memory_mb are streamed.
+    Returns (loaders, num_classes): loaders[t] is a TaskLoader of task t (all T tasks of the
+    data folder, see `Youtube8M.datafolder`) and num_classes[t] its class count. `folder`
+    (a DataFolder) saves reading the folder again. num_workers > 0 prepares that many
+    batches ahead in a background thread. Tasks larger than max_memory_mb are streamed.
     """
     if mode not in SPLITS:
         raise ValueError("mode must be one of %s, got %r" % (SPLITS, mode))
     data_path = DEFAULT_DATA_PATH if data_path is None else data_path
-    help_text = how_to_create(data_path)
-    if not os.path.isdir(data_path):
-        raise UserError("data folder %s does not exist; %s" % (data_path, help_text))
+    folder = read_data_folder(data_path, ('train', mode)) if folder is None else folder
     loaders = [TaskLoader(task_file(data_path, mode, t), batch_size, shuffle=shuffle, seed=seed,
                           rank=rank, world_size=world_size, drop_last=drop_last,
                           num_workers=num_workers, task=t, max_memory_mb=max_memory_mb,
-                          help_text=help_text)
-               for t in range(len(TASKS))]
+                          num_features=folder.num_features, num_classes=folder.num_classes[t],
+                          checked=folder.verified)
+               for t in range(len(folder.tasks))]
     return loaders, [loader.num_classes for loader in loaders]

@@ -230,3 +230,27 @@ def test_atomic_savetxt(tmp_path):
     assert np.loadtxt(path).tolist() == [0.25, 0.5]
     assert float(np.loadtxt(tmp_path / 'mean.txt')) == 0.375
     assert os.listdir(path.parent) == ['values%K.txt']
+
+
+def flip_byte_in_tensor_data(path):
+    """Flip one bit inside the stored data of the first tensor of a torch.save file, as a
+    damaged disk or copy would: torch.load alone reads the wrong weight without a word."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if '/data/' in i.filename and i.file_size >= 16)
+    raw = bytearray(open(path, 'rb').read())
+    name_length, extra_length = int.from_bytes(raw[info.header_offset + 26:info.header_offset + 28], 'little'), \
+        int.from_bytes(raw[info.header_offset + 28:info.header_offset + 30], 'little')
+    raw[info.header_offset + 30 + name_length + extra_length + 3] ^= 0x40
+    open(path, 'wb').write(bytes(raw))
+
+
+def test_flipped_byte_is_found_before_loading(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    path = tmp_path / 'model.pt'
+    torch.save(model.state_dict(), path)
+    assert torch.equal(read_checkpoint(path)['weight'], model.weight)
+    flip_byte_in_tensor_data(path)
+    assert not torch.equal(torch.load(path, weights_only=True)['weight'], model.weight)    # silently wrong
+    with pytest.raises(CheckpointError, match=r'model\.pt is damaged \(the data of .*/data/0 fails its checksum\)'):
+        read_checkpoint(path)

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -11,6 +12,7 @@ from tfrecord.writer import TFRecordWriter
 
 from Youtube8M.data import FEATURE_SIZE, TASKS, convert, split_validate_files, task_file
 from Youtube8M.synthetic import GROUPS, SyntheticVideos, ensure_builtin_data, make_synthetic_data
+from Youtube8M.datafolder import read_data_folder
 from Youtube8M.torch_loader import MultiTask_Dataloader, TaskLoader, TrainSteps
 from Training import UserError
 
@@ -133,7 +135,7 @@ def test_converter_errors(raw, tmp_path):
     with pytest.raises(ValueError, match="record 0 of .*train2.tfrecord: feature 'mean_rgb' "
                                          "has 1000 values, expected 1024"):
         convert(voc, tr, va, out)
-    assert os.listdir(out) == []              # a failed conversion leaves no (partial) files
+    assert [n for n in os.listdir(tmp_path) if n.startswith("out")] == []   # nothing partial is left
 
 
 # ---------------------------------------------------------------- synthetic data
@@ -295,16 +297,117 @@ def test_loader_errors_name_the_fix(tmp_path):
         MultiTask_Dataloader("validate", 8, data_path=str(tmp_path))
     root = write_task_files(str(tmp_path / "a"))
     os.remove(task_file(root, "train", 9))
-    with pytest.raises(UserError, match=r"train_task_9.hdf5 is missing.*Youtube8M\.synthetic"):
+    with pytest.raises(UserError, match=r"lacks train_task_9.hdf5.*Youtube8M\.synthetic"):
         MultiTask_Dataloader("train", 8, data_path=root)
-    root = write_task_files(str(tmp_path / "b"), width=1000)
-    with pytest.raises(ValueError, match=r"features of .*train_task_0.hdf5 have shape \(37, 1000\), "
-                                         r"expected \[N, 1152\].*Youtube8M\.synthetic"):
+    root = write_task_files(str(tmp_path / "b"), width=1000)          # any width D works ...
+    assert {l.num_features for l in MultiTask_Dataloader("train", 8, data_path=root)[0]} == {1000}
+    write_task_files(root, sizes=SIZES[:1], width=999)                 # ... but one for all tasks
+    with pytest.raises(UserError, match=r"train files of .*/b have different feature widths \[999, 1000\]"):
         MultiTask_Dataloader("train", 8, data_path=root)
     root = write_task_files(str(tmp_path / "c"), extra_classes=1)
     with pytest.raises(ValueError, match=r"labels of .*train_task_0.hdf5 have shape \(37, 3\), "
-                                         r"expected \[N=37, num_classes=2\].*Youtube8M\.data"):
+                                         r"expected \[N=37, num_classes=2\].*num_classes = C_t"):
         MultiTask_Dataloader("train", 8, data_path=root)
     root = write_task_files(str(tmp_path / "d"))
     with pytest.raises(ValueError, match="fewer than one batch"):
         MultiTask_Dataloader("train", 64, data_path=root, drop_last=True)
+
+
+# ---------------------------------------------------------------- nothing damaged gets through
+def convert_raw(raw, out):
+    return convert(str(raw / "vocabulary.csv"), str(raw / "train*.tfrecord"), str(raw / "validate*.tfrecord"),
+                   out, seed=3)
+
+
+def record_offsets(path):
+    """(start, length) of every record of a TFRecord file."""
+    data, offsets, at = open(path, "rb").read(), [], 0
+    while at < len(data):
+        length = int.from_bytes(data[at:at + 8], "little")
+        offsets.append((at, length))
+        at += 16 + length
+    return offsets
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("payload", r"train1\.tfrecord: record 3 fails its data checksum"),
+    ("length", r"train1\.tfrecord: record 3 has a length field that fails its checksum"),
+    ("truncated", r"train1\.tfrecord: record 25 is cut short \(the file ends inside it\)"),
+])
+def test_damaged_tfrecord_stops_the_conversion_and_keeps_the_old_folder(raw, tmp_path, damage, message):
+    raw, files = raw
+    out = str(tmp_path / "out")
+    before = convert_raw(raw, out)
+    stamps = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    path = str(raw / "train1.tfrecord")
+    data = bytearray(open(path, "rb").read())
+    start, length = record_offsets(path)[3]
+    if damage == "payload":          # one flipped bit inside a float of the features
+        data[start + 12 + length - 40] ^= 0x10
+    elif damage == "length":
+        data[start] ^= 0x01
+    else:
+        data = data[:-7]
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError, match=message + ".*download it again"):
+        convert_raw(raw, out)
+    # the old conversion is untouched and nothing partial is left beside it
+    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == stamps
+    assert sorted(os.listdir(tmp_path)) == ["out", "raw"]
+    assert read_data_folder(out).verified and before["manifest"]["conversion"] == \
+        json.load(open(os.path.join(out, "tasks.json")))["manifest"]["conversion"]
+
+
+def test_nan_features_in_a_record_are_named(raw, tmp_path):
+    raw, files = raw
+    videos = files["validate2"]
+    videos[5][2][7] = np.nan
+    write_videos(str(raw / "validate2.tfrecord"), videos)
+    with pytest.raises(UserError, match=r"record 5 of .*validate2\.tfrecord \(video b'validate2005'\) has NaN"):
+        convert_raw(raw, str(tmp_path / "out"))
+
+
+def test_mixed_or_stale_folder_is_refused(raw, tmp_path):
+    raw, files = raw
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    convert_raw(raw, a)
+    convert_raw(raw, b)                  # the same videos, another conversion
+    assert len(MultiTask_Dataloader("train", 4, data_path=a)[0]) == T
+    shutil.copy(task_file(b, "valid", 3), task_file(a, "valid", 3))
+    with pytest.raises(UserError, match=r"data folder .*/a is mixed or stale: valid_task_3\.hdf5 comes from "
+                                        r"another conversion.*Convert the data again"):
+        MultiTask_Dataloader("train", 4, data_path=a)
+    with h5py.File(task_file(b, "test", 0), "a") as f:      # changed after the conversion
+        f["features"][0, 0] += 1
+    shutil.copy(os.path.join(a, "tasks.json"), os.path.join(b, "tasks.json"))
+    with pytest.raises(UserError, match=r"/b is mixed or stale: train_task_0\.hdf5 comes from another conversion"):
+        read_data_folder(b)
+    # a conversion replaces the folder as a whole; files it did not write are refused
+    convert_raw(raw, a)
+    assert read_data_folder(a).verified
+    open(os.path.join(a, "notes.txt"), "w").write("mine")
+    with pytest.raises(UserError, match=r"--out .*/a holds files that a conversion did not write \(notes\.txt\)"):
+        convert_raw(raw, a)
+
+
+def test_own_data_any_tasks_and_width_with_bad_values_named(tmp_path):
+    root = str(tmp_path / "own")
+    for split in ("train", "valid", "test"):
+        write_task_files(root, split, sizes=[20, 30, 25, 40, 33], width=300)
+    folder = read_data_folder(root)
+    assert (len(folder.tasks), folder.num_features, folder.num_classes) == (5, 300, [2, 3, 4, 2, 3])
+    assert folder.tasks == [f"task {t}" for t in range(5)] and not folder.verified
+    json.dump({"tasks": list("abcde")}, open(os.path.join(root, "tasks.json"), "w"))
+    assert read_data_folder(root).tasks == list("abcde")
+    with h5py.File(task_file(root, "valid", 2), "a") as f:
+        f["features"][17, 5] = np.inf
+    with pytest.raises(UserError, match=r"valid_task_2\.hdf5: the features of row 17 hold NaN or Inf"):
+        MultiTask_Dataloader("valid", 8, data_path=root)
+    with h5py.File(task_file(root, "test", 4), "a") as f:
+        f["labels"][3, 1] = 2
+    for in_memory in (True, False):            # checked once, in memory or streamed
+        with pytest.raises(UserError, match=r"test_task_4\.hdf5: the labels of row 3 hold 2; labels must be 0 or 1"):
+            TaskLoader(task_file(root, "test", 4), 8, in_memory=in_memory, block_rows=4, chunk_blocks=2)
+    json.dump({"tasks": list("abc")}, open(os.path.join(root, "tasks.json"), "w"))
+    with pytest.raises(UserError, match=r"tasks\.json lists 3 tasks, but the folder holds train_task_0\.\.4\.hdf5"):
+        read_data_folder(root)

@@ -1,6 +1,7 @@
 """Youtube8M/Trainer.py and Visualizer.py on tiny synthetic data (CPU)."""
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from ignite.engine import Events
 from Training import CheckpointError, UserError, load_checkpoint, map_at_k
 from Youtube8M import Trainer, Visualizer
 from conftest import Killed, kill_at
+from Youtube8M.data import TASKS
 from Youtube8M.models import build_model
 from Youtube8M.synthetic import ensure_builtin_data
 from Youtube8M.torch_loader import MultiTask_Dataloader
@@ -103,6 +105,20 @@ def test_corrupt_training_state_is_reported(data, tmp_path):
                       '--data_path', data] + TINY)
 
 
+def test_damaged_checkpoints_are_refused_for_resume_and_checkname(taan_run, data, tmp_path):
+    from test_training import flip_byte_in_tensor_data
+    out, _ = taan_run
+    for name in ('TAAN.pth', 'TAAN-training_state.pt', 'TAAN-config.json'):
+        shutil.copy(os.path.join(out, name), tmp_path / name)
+    flip_byte_in_tensor_data(tmp_path / 'TAAN-training_state.pt')
+    flip_byte_in_tensor_data(tmp_path / 'TAAN.pth')
+    args = ['--model', 'TAAN', '--regularize', 'distance', '--max_epoch', '2', '--data_path', data] + TINY
+    with pytest.raises(CheckpointError, match=r'TAAN-training_state\.pt is damaged'):
+        Trainer.main(args + ['--saveto', str(tmp_path), '--resume', 'auto'])
+    with pytest.raises(CheckpointError, match=r'TAAN\.pth is damaged'):
+        Trainer.main(args + ['--checkname', str(tmp_path), '--max_epoch', '0'])
+
+
 def test_two_process_run(data, tmp_path):
     """torchrun with 2 CPU processes (gloo), started the original way (cd Youtube8M)."""
     out = str(tmp_path / 'dist')
@@ -162,7 +178,7 @@ def test_visualizer(taan_run, tmp_path):
     assert (tmp_path / 'TAAN-task_distance.pdf').read_bytes()[:4] == b'%PDF'
     assert len(result['groups']) == 3
     for groups in result['groups']:       # every layer: a partition of the 16 tasks
-        assert sorted(sum(groups, [])) == sorted(Visualizer.task_labels(16))
+        assert sorted(sum(groups, [])) == sorted(TASKS)
 
 
 def test_spectral_groups_recover_blocks():
