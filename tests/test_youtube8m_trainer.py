@@ -167,6 +167,75 @@ def test_original_readme_command_lines_parse():
             Trainer.parse_args(bad)
 
 
+# Every command line of the original Youtube8M/README.md, as written there.
+ORIGINAL_README = r"""
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model STL --saveto results/STL
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model Hard3 --saveto results/Hard3
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model SoftOrder --saveto results/SoftOrder
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model CrossStitch --saveto results/CrossStitch
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model MMoE --saveto results/MMoE
+python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+--model MRN --regularization_task True --regularization_feature False --regularization_input False\
+--mrn_constant 1e-3 --saveto results/MRN
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model DMTRL --method Tucker --saveto results/DMTRL_Tucker
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model DMTRL --method TT --saveto results/DMTRL_TT
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model DMTRL --method LAF --saveto results/DMTRL_LAF
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model TAAN --basis 64 --saveto results/TAAN
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model TAAN --basis 64 --regularize tracenorm --taan_constant 0.1 --saveto results/TAAN_TN
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model TAAN --basis 64 --regularize cosine --taan_constant 0.1 --saveto results/TAAN_TN
+    python  Trainer.py --batch_size 256 --max_epoch 10 --hidden_feature 1024 --lr 0.0001 \
+    --model TAAN --basis 64 --regularize distance --taan_constant 0.1 --saveto results/TAAN_TN
+    python  Visualizer.py --hidden_feature 1024 --basis 64 --path results/TAAN
+"""
+ORIGINAL_COMMANDS = [shlex.split(line)[1:] for line in ORIGINAL_README.replace('\\\n', '').strip().splitlines()]
+# tiny sizes for one epoch on tiny data: appended, so they override the command's own
+SHRINK = {'Trainer.py': ['--hidden_feature', '8', '--batch_size', '32', '--max_epoch', '1', '--basis', '4',
+                         '--device', 'cpu'],
+          'Visualizer.py': ['--hidden_feature', '8', '--basis', '4']}
+
+
+def test_every_original_command_line_runs(data, tmp_path, monkeypatch):
+    """Each command of the original README, as written plus the tiny sizes, from a folder
+    of its own (the saveto folders are relative to it, as in the original)."""
+    monkeypatch.chdir(tmp_path)
+    assert len(ORIGINAL_COMMANDS) == 14
+    for script, *argv in ORIGINAL_COMMANDS:
+        if script == 'Trainer.py':
+            result = Trainer.main(argv + SHRINK[script] + ['--data_path', data])
+            saveto = argv[argv.index('--saveto') + 1]
+            assert result['paths']['average'] == os.path.join(saveto, f'{result["paths"]["best"][len(saveto) + 1:-4]}'
+                                                               '-average_mAP%K.txt')
+            assert 0 < float(np.loadtxt(tmp_path / result['paths']['average'])) <= 1
+        else:
+            written = Visualizer.main(argv + SHRINK[script])['files']
+            assert sorted(os.path.relpath(f, tmp_path) for f in written) == sorted(
+                f'results/TAAN/TAAN-{name}' for name in ('task_distance.png', 'task_distance.pdf', 'task_cosine.png',
+                                                         'task_cosine.pdf', 'task_clusters.txt'))
+
+
+def test_names_are_case_insensitive_and_original_variant_reaches_the_layers(data):
+    a = Trainer.parse_args(['--model', 'taan', '--regularize', 'Cosine', '--method', 'tt', '--original_variant',
+                            '--data_path', data, '--hidden_feature', '8'])
+    assert (a.model, a.regularize, a.method, a.original_variant) == ('TAAN', 'cosine', 'TT', True)
+    experiment = Trainer.Youtube8M(a)
+    dataflow = experiment.get_dataflow(torch.device('cpu'))
+    plain = Trainer.parse_args(['--model', 'TAAN', '--regularize', 'COSINE', '--data_path', data, '--hidden_feature', '8'])
+    for args, expected in ((a, 'cosine_original'), (plain, 'cosine')):
+        model, _ = Trainer.Youtube8M(args).initialize(dataflow, torch.device('cpu'))
+        assert {layer.regularize for layer in model.reg_layers()} == {expected}
+
+
 def test_visualizer(taan_run, tmp_path):
     out, _ = taan_run
     result = Visualizer.main(['--checkpoint', os.path.join(out, 'TAAN.pth'), '--out', str(tmp_path),
@@ -249,3 +318,29 @@ def test_checkname_loads_weights_before_training(data, tmp_path):
     assert only_test['mAP'] == pytest.approx(first['mAP'], rel=1e-12)
     expected = evaluate_saved(os.path.join(str(tmp_path), 'Hard3.pth'), data, 'Hard3')
     assert only_test['task_mAP'] == pytest.approx(expected, rel=1e-9)
+
+
+def test_own_data_with_any_tasks_and_width_trains_every_model(tmp_path):
+    """A folder of per-task files in README's layout, 5 tasks x 300 features, no tasks.json:
+    --data_path alone is enough for every model and the visualiser."""
+    import h5py
+    rng = np.random.default_rng(0)
+    root = tmp_path / 'own'
+    root.mkdir()
+    for split, n in (('train', 120), ('valid', 40), ('test', 40)):
+        for t, c in enumerate([3, 5, 2, 4, 6]):
+            y = (rng.random((n, c)) < 0.3).astype(np.float32)
+            x = rng.standard_normal((n, 300)).astype(np.float32) + y @ rng.standard_normal((c, 300)).astype(np.float32)
+            with h5py.File(root / f'{split}_task_{t}.hdf5', 'w') as f:
+                f['features'], f['labels'] = x, y
+                f.attrs['num_classes'] = c
+    from Youtube8M.models import MODELS
+    for model in MODELS:
+        out = tmp_path / model
+        result = Trainer.main(['--model', model, '--max_epoch', '1', '--data_path', str(root), '--saveto', str(out)]
+                              + TINY)
+        assert len(result['task_mAP']) == 5 and result['tasks'] == [f'task {t}' for t in range(5)]
+        config = __import__('json').load(open(out / f'{model}-config.json'))
+        assert (config['in_features'], config['num_classes']) == (300, [3, 5, 2, 4, 6])
+    groups = Visualizer.main(['--checkpoint', str(tmp_path / 'TAAN' / 'TAAN.pth'), '--clusters', '2'])['groups']
+    assert all(sorted(sum(g, [])) == [f'task {t}' for t in range(5)] for g in groups)
