@@ -44,7 +44,13 @@ def truncated_svd(A, eps_or_k):
     (a relative precision) the smallest r >= 1 at which every remaining residual column
     is at most eps * the largest column norm of A, i.e. |R[r, r]| <= eps |R[0, 0]|
     (r = min(A.shape) if none). Same rule and result, but LAPACK's blocked pivoted QR
-    makes it about 10x faster than scipy's unblocked one on a [1024, 16384] unfolding."""
+    makes it about 10x faster than scipy's unblocked one on a [1024, 16384] unfolding.
+
+    The SVD of the projection Q_r Rr (Rr = Q_r^T A, r x n) comes from the small symmetric
+    eigenproblem Rr Rr^T = E diag(s^2) E^T: U = Q_r E, Vh = diag(1/s) E^T Rr. That costs two
+    products of Rr instead of an SVD of the n x r matrix (a [1024, 1024, 16] Tucker layer:
+    seconds instead of a minute); the pivoted QR's rank rule keeps Rr well conditioned, so
+    squaring it loses nothing measurable (tests compare with scipy to 1e-10)."""
     A = np.asarray(A, dtype=np.float64)
     Q, R, piv = scipy.linalg.qr(A, mode='economic', pivoting=True)
     d = np.abs(np.diag(R))
@@ -57,8 +63,10 @@ def truncated_svd(A, eps_or_k):
         r = int(small[0]) + 1 if len(small) else len(d)
     Rr = np.empty((r, A.shape[1]))
     Rr[:, piv] = R[:r]                       # undo the column pivoting: Q_r Rr = Q_r Q_r^T A
-    V, s, Wh = np.linalg.svd(Rr.T, full_matrices=False)   # Rr = Wh^T diag(s) V^T; the tall side is faster
-    return Q[:, :r] @ Wh.T, s, V.T
+    w, E = np.linalg.eigh(Rr @ Rr.T)
+    w, E = w[::-1], E[:, ::-1]               # descending, as an SVD
+    s = np.sqrt(np.maximum(w, 0.0))
+    return Q[:, :r] @ E, s, (E.T @ Rr) / s[:, None]
 
 
 def _unfold_np(A, mode):
