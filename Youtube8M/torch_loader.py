@@ -174,27 +174,28 @@ class TaskLoader:
         left, base = self.num_samples - full * B * W, full * B * W
         return base + (r * left) // W, base + ((r + 1) * left) // W
 
-    def _read(self, f, ranges, buffers):
+    def _read(self, datasets, ranges, buffers):
         """Rows of `ranges` (contiguous slices) into the reused buffers; in memory: all rows."""
-        if f is None:
+        if datasets is None:
             return self.features, self.labels
-        x, y = buffers
+        (features, labels), (x, y) = datasets, buffers
         at = 0
         for a, b in ranges:
-            f["features"].read_direct(x, np.s_[a:b], np.s_[at:at + b - a])
-            f["labels"].read_direct(y, np.s_[a:b], np.s_[at:at + b - a])
+            features.read_direct(x, np.s_[a:b], np.s_[at:at + b - a])
+            labels.read_direct(y, np.s_[a:b], np.s_[at:at + b - a])
             at += b - a
         return x[:at], y[:at]
 
     def _batches(self, epoch, cycle):
         chunks = self._chunks(np.random.default_rng([self.seed, self.task, epoch, cycle]))
         starts = np.cumsum([0] + [len(perm) for _, perm in chunks])
-        f, buffers = None, None
+        f, datasets, buffers = None, None, None
         if not self.in_memory:
             f = h5py.File(self.path, "r")
+            datasets = f["features"], f["labels"]        # looked up once: a lookup costs as much as a block read
             rows = max(len(perm) for _, perm in chunks)
             buffers = (np.empty((rows, self.num_features), dtype=np.float32),
-                       np.empty((rows, self.num_classes), dtype=f["labels"].dtype))
+                       np.empty((rows, self.num_classes), dtype=datasets[1].dtype))
         loaded, x, y = -1, None, None
         try:
             for b in range(self.num_batches):
@@ -203,7 +204,7 @@ class TaskLoader:
                 while lo < hi or not xs:
                     k = min(int(np.searchsorted(starts, lo, side="right")) - 1, len(chunks) - 1)
                     if k != loaded:
-                        x, y = self._read(f, chunks[k][0], buffers)
+                        x, y = self._read(datasets, chunks[k][0], buffers)
                         loaded = k
                     end = min(hi, starts[k + 1])
                     idx = chunks[k][1][lo - starts[k]:end - starts[k]]

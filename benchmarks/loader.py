@@ -8,10 +8,19 @@ converter's layout) and measures shuffled samples per second of
   (c) our TaskLoader streaming shuffled blocks from the file (for files larger than memory).
 Each rate is the best of two passes (one epoch each).
 
-    python benchmarks/loader.py [--rows 50000] [--per_sample 3000] [--batch_size 256]
+Then, at scale: a task file of --stream_rows videos (default 1,000,000: 4.3 GiB, far above
+the loader's max_memory_mb of 1 GiB) is written to a temporary folder (removed afterwards)
+and read in a child process of its own per path, so that each peak resident set is its own:
+  (d) streamed in shuffled blocks (what the trainer does with such a file): the time to open
+      it (its values are checked once, a full read) and the shuffled samples/s of one epoch;
+  (e) the same file held in memory, for comparison.
+
+    python benchmarks/loader.py [--rows 50000] [--per_sample 3000] [--batch_size 256] [--stream_rows 1000000]
 """
 import argparse
+import multiprocessing
 import os
+import resource
 import tempfile
 import time
 
@@ -39,7 +48,9 @@ class PerSampleDataset(Dataset):
 
 
 def write_task_file(path, rows, num_classes=10, seed=0):
+    """The converter's layout; random blocks of 8192 rows (one block reused for big files)."""
     rng = np.random.default_rng(seed)
+    block = rng.standard_normal((8192, FEATURE_SIZE), dtype=np.float32)
     with h5py.File(path, "w") as f:
         x = f.create_dataset("features", (rows, FEATURE_SIZE), dtype=np.float32,
                              chunks=(128, FEATURE_SIZE))
@@ -48,8 +59,30 @@ def write_task_file(path, rows, num_classes=10, seed=0):
         f.attrs["num_classes"] = num_classes
         for a in range(0, rows, 8192):
             b = min(a + 8192, rows)
-            x[a:b] = rng.standard_normal((b - a, FEATURE_SIZE), dtype=np.float32)
+            x[a:b] = block[:b - a] if rows > 100000 else rng.standard_normal((b - a, FEATURE_SIZE), dtype=np.float32)
             y[a:b] = rng.random((b - a, num_classes)) < 0.2
+
+
+def one_epoch_in_child(path, batch_size, in_memory, queue):
+    """Child process: open the file with TaskLoader, read one shuffled epoch; report the
+    open time, samples/s and the process's peak resident set."""
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    loader = TaskLoader(path, batch_size, shuffle=True, in_memory=in_memory)
+    opened = time.perf_counter() - start
+    loader.set_epoch(1)
+    n, rate = samples_per_second(loader, passes=1)
+    queue.put((opened, n, rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+
+
+def measure_in_child(path, batch_size, in_memory):
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=one_epoch_in_child, args=(path, batch_size, in_memory, queue))
+    child.start()
+    result = queue.get()
+    child.join()
+    return result
 
 
 def samples_per_second(batches, passes=2):
@@ -68,6 +101,7 @@ def main():
     parser.add_argument("--rows", type=int, default=50000)
     parser.add_argument("--per_sample", type=int, default=3000, help="samples read the slow way")
     parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--stream_rows", type=int, default=1000000, help="rows of the large file (0: skip)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -98,6 +132,17 @@ def main():
               % (stream_rate, n))
         print("ratio (b)/(a) = %.0fx, (c)/(a) = %.0fx"
               % (mem_rate / slow_rate, stream_rate / slow_rate))
+    if args.stream_rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "train_task_0.hdf5")
+            start = time.perf_counter()
+            write_task_file(path, args.stream_rows)
+            print("\nlarge task file: %d rows (%.2f GiB), written in %.0f s"
+                  % (args.stream_rows, os.path.getsize(path) / 2 ** 30, time.perf_counter() - start))
+            for label, in_memory in (("(d) streamed, shuffled blocks", False), ("(e) held in memory", True)):
+                opened, n, rate, peak = measure_in_child(path, args.batch_size, in_memory)
+                print("%-31s opened in %5.1f s, %9.0f samples/s (%d samples), peak RSS %.2f GiB"
+                      % (label, opened, rate, n, peak / 2 ** 30))
 
 
 if __name__ == "__main__":
