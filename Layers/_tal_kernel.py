@@ -18,9 +18,11 @@ of task t in bucket k and H[t, k] = the same sum of g * a:
 
 The forward pass keeps ``a`` and, for up to 255 basis functions, each element's bucket as
 one byte; with more, the backward pass finds the buckets again (cheaper than keeping them).
-Two backends compute the same formulas: a fused C++ loop on the CPU (built once with
-``torch.utils.cpp_extension``; about a minute) and plain PyTorch ops everywhere else.
-``TAAN_TAL_BACKEND=torch`` forces the PyTorch path, ``=cpp`` requires the C++ one.
+Three backends compute the same formulas: a fused C++ loop on the CPU (built once with
+``torch.utils.cpp_extension``; about a minute), fused Triton kernels on CUDA
+(`Layers._tal_triton`, when the ``triton`` package is installed), and plain PyTorch ops,
+the fallback and reference, everywhere else. ``TAAN_TAL_BACKEND=torch`` forces the PyTorch
+path, ``=cpp`` requires the C++ one and ``=triton`` the Triton one.
 """
 import contextlib
 import hashlib
@@ -35,6 +37,8 @@ import warnings
 
 import torch
 
+from . import _tal_triton
+
 _SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "tal_activation.cpp")
 _OPENMP = ("-fopenmp",) if torch._C.has_openmp else ()   # else at::parallel_for runs on one thread
 _CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", *_OPENMP)
@@ -42,6 +46,7 @@ _LDFLAGS = _OPENMP
 BUILD_WAIT_S = 300.0   # how long to wait for another live process building the kernel
 _ext = None
 _ext_failed = False
+_triton_failed = False
 _lock = threading.Lock()
 KEEP_BUCKETS_MAX_BASIS = 255   # up to here bucket ids are kept (uint8); above, found again
 
@@ -180,25 +185,59 @@ def _load_extension():
     return _ext
 
 
-def backend_for(tensor):
-    """'cpp' or 'torch': which implementation runs for a tensor on its device."""
+def backend_for(tensor, num_basis=0):
+    """'cpp', 'triton' or 'torch': which implementation runs for a tensor on its device."""
     choice = os.environ.get("TAAN_TAL_BACKEND", "auto").lower()
-    if choice not in ("auto", "cpp", "torch"):
-        raise ValueError(f"TAAN_TAL_BACKEND must be auto, cpp or torch, got {choice!r}")
-    if choice == "torch" or tensor.device.type != "cpu" or tensor.dtype not in (torch.float32, torch.float64):
-        if choice == "cpp" and tensor.device.type != "cpu":
-            raise ValueError("TAAN_TAL_BACKEND=cpp only applies to CPU tensors")
+    if choice not in ("auto", "cpp", "triton", "torch"):
+        raise ValueError(f"TAAN_TAL_BACKEND must be auto, cpp, triton or torch, got {choice!r}")
+    floating = tensor.dtype in (torch.float32, torch.float64)
+    if choice == "cpp" and tensor.device.type != "cpu":
+        raise ValueError("TAAN_TAL_BACKEND=cpp only applies to CPU tensors")
+    if choice == "triton":
+        if not _tal_triton.supports(tensor, num_basis):
+            raise ValueError(f"TAAN_TAL_BACKEND=triton needs the triton package, a float32/64 CUDA tensor "
+                             f"(or TRITON_INTERPRET=1 and a CPU one) and at most {_tal_triton.MAX_BASIS} "
+                             f"basis points; got {tensor.dtype} on {tensor.device}, {num_basis} points")
+        return "triton"
+    if choice == "torch" or not floating:
         return "torch"
-    return "cpp" if _load_extension() is not None else "torch"
+    if tensor.device.type == "cpu":
+        return "cpp" if _load_extension() is not None else "torch"
+    if tensor.is_cuda and not _triton_failed and _tal_triton.supports(tensor, num_basis):
+        return "triton"
+    return "torch"
+
+
+def _kernels(backend):
+    """(forward, backward) of a backend, with the signatures of the C++ kernel's."""
+    if backend == "cpp":
+        return _ext.forward, _ext.backward
+    if backend == "triton":
+        return _tal_triton.forward, _tal_triton.backward
+    return _torch_forward, _torch_backward
+
+
+def _forward(backend, *args):
+    """The forward of `backend`; a Triton kernel that fails in auto mode falls back to PyTorch."""
+    global _triton_failed
+    try:
+        return backend, _kernels(backend)[0](*args)
+    except Exception as err:
+        if backend != "triton" or os.environ.get("TAAN_TAL_BACKEND", "auto").lower() == "triton":
+            raise
+        _triton_failed = True
+        warnings.warn(f"TAL: Triton kernel failed ({type(err).__name__}: {err}); "
+                      "using the pure-PyTorch path (same numbers, slower).")
+        return "torch", _torch_forward(*args)
 
 
 # ----------------------------------------------------------------------------- PyTorch path
-def _torch_forward(a, row_task, s, A, S):
+def _torch_forward(a, row_task, s, A, S, keep_buckets):
     K = A.shape[1]
     k = torch.searchsorted(s, a, right=True)                 # #{m : s_m <= a}
     idx = row_task.view(-1, 1) * K + k
     out = a.clamp_min(0) + S.reshape(-1)[idx] - a * A.reshape(-1)[idx]
-    keep = s.numel() <= KEEP_BUCKETS_MAX_BASIS
+    keep = keep_buckets and s.numel() <= 255
     return out, (k.to(torch.uint8) if keep else k.new_empty(0, a.shape[1], dtype=torch.uint8))
 
 
@@ -230,13 +269,10 @@ class TALActivation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, alpha, basis, row_task):
-        a = a.contiguous()
+        a, row_task = a.contiguous(), row_task.contiguous()
         s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
-        ctx.backend = backend_for(a)
-        if ctx.backend == "cpp":
-            out, k = _ext.forward(a, row_task, s, A, S, s.numel() <= KEEP_BUCKETS_MAX_BASIS)
-        else:
-            out, k = _torch_forward(a, row_task, s, A, S)
+        keep = s.numel() <= KEEP_BUCKETS_MAX_BASIS
+        ctx.backend, (out, k) = _forward(backend_for(a, s.numel()), a, row_task, s, A, S, keep)
         ctx.save_for_backward(a, k, row_task, s, perm, alpha_s, A)
         return out
 
@@ -246,10 +282,7 @@ class TALActivation(torch.autograd.Function):
         a, k, row_task, s, perm, alpha_s, A = ctx.saved_tensors
         g = g.contiguous()
         need_a = ctx.needs_input_grad[0]
-        if ctx.backend == "cpp":
-            grad_a, sums = _ext.backward(g, a, k, row_task, s, A, need_a)
-        else:
-            grad_a, sums = _torch_backward(g, a, k, row_task, s, A, need_a)
+        grad_a, sums = _kernels(ctx.backend)[1](g, a, k, row_task, s, A, need_a)
         M = s.numel()
         cum_g, cum_ga = sums[:, :, :M].cumsum(2)                # sums over buckets k <= m
         grad_alpha = grad_basis = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from Layers._tal_kernel import backend_for
-from Omniglot.TAAN import IMAGE_SIZE, HardSharing, build_model, multitask_loss, split_by_task
+from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
 
 # (label, model name, build kwargs, lambda, target time ratio to hard sharing)
 VARIANTS = [("hard", "hard", {}, 0.0, None),
@@ -51,7 +51,7 @@ def train_step(model, opt, x, y, ids, lam):
 
 def trunk(model, x, ids):
     """The shared trunk, everything but the heads: [B, 512] features."""
-    if isinstance(model, HardSharing):
+    if hasattr(model, "features"):                     # hard sharing: conv, BN, ReLU, pool; dense, ReLU
         return model.features(x)
     for conv in model.convs:
         x = F.max_pool2d(conv(x, ids, per_row=True), 2)

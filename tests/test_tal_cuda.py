@@ -1,0 +1,86 @@
+"""Every model gives the same outputs and gradients on CUDA as on the CPU.
+
+On CUDA the TAL layers run the Triton kernels (or the PyTorch path without triton), the
+other layers plain PyTorch ops; on the CPU the TAL layers run the C++ kernel. Skipped
+without a CUDA device (benchmarks/cuda_check.sh runs these on a GPU machine). Float32,
+with TF32 turned off so that the GPU's matrix products round like the CPU's.
+"""
+import copy
+
+import pytest
+import torch
+
+from Layers import _tal_kernel
+from Omniglot.TAAN import IMAGE_SIZE, MODELS as OMNIGLOT_MODELS, build_model as build_omniglot
+from Youtube8M.models import MODELS as YOUTUBE8M_MODELS, build_model as build_youtube8m, multitask_loss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+YT_CLASSES, YT_SIZES = [3, 5, 2, 7], [6, 3, 5, 4]
+YT_VARIANTS = [(name, {}) for name in YOUTUBE8M_MODELS if name not in ("DMTRL", "TAAN")] + \
+    [("DMTRL", {"method": m}) for m in ("Tucker", "TT", "LAF")] + \
+    [("TAAN", {"basis": 8, "regularize": "distance"}), ("TAAN", {"basis": 300})]
+OMNI_CLASSES = [4, 6, 5]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def outputs_and_grads(model, inputs, loss_fn):
+    """Eval-mode outputs, then the gradients of a training-mode loss (dropout off)."""
+    model.eval()
+    with torch.no_grad():
+        outs = [o.detach().cpu() for o in model(*inputs)]
+    model.zero_grad()
+    for m in model.modules():                        # batch norm in training mode, no dropout
+        m.train(isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    loss_fn(model(*inputs)).backward()
+    grads = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return outs, grads
+
+
+def compare(build, inputs, loss_fn, device="cuda"):
+    torch.manual_seed(0)
+    cpu = build()
+    gpu = copy.deepcopy(cpu).to(device)
+    got = outputs_and_grads(gpu, [[t.to(device) for t in x] if isinstance(x, list) else x.to(device)
+                                  for x in inputs], loss_fn)
+    want = outputs_and_grads(cpu, inputs, loss_fn)
+    for u, v in zip(got[0], want[0]):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for name in want[1]:
+        torch.testing.assert_close(got[1][name], want[1][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name,kw", YT_VARIANTS, ids=[f"{n}-{'-'.join(map(str, k.values()))}" for n, k in YT_VARIANTS])
+def test_youtube8m_model_cuda_matches_cpu(name, kw):
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(b, 20, generator=g) for b in YT_SIZES]
+    ys = [(torch.rand(b, c, generator=g) < 0.3).float() for b, c in zip(YT_SIZES, YT_CLASSES)]
+
+    def loss(logits):
+        return multitask_loss(logits, [y.to(logits[0].device) for y in ys])[0]
+    compare(lambda: build_youtube8m(name, 20, 16, YT_CLASSES, **kw), [xs], loss)
+
+
+@pytest.mark.parametrize("name", OMNIGLOT_MODELS)
+def test_omniglot_model_cuda_matches_cpu(name):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(9, 1, IMAGE_SIZE, IMAGE_SIZE, generator=g) > 0.2).float()
+    ids = torch.tensor([0, 2, 1, 1, 0, 2, 2, 0, 1])
+
+    def loss(logits):
+        return sum(z.square().mean() for z in logits)
+    compare(lambda: build_omniglot(name, OMNI_CLASSES, basis=8) if name == "taan"
+            else build_omniglot(name, OMNI_CLASSES), [x, ids], loss)
+
+
+def test_cuda_runs_the_triton_kernel_when_triton_is_installed():
+    pytest.importorskip("triton", reason="triton is not installed: CUDA runs the PyTorch path")
+    assert _tal_kernel.backend_for(torch.zeros(1, device="cuda"), 64) == "triton"

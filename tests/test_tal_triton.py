@@ -1,0 +1,132 @@
+"""The Triton kernels of the TAL activation (`Layers._tal_triton`) against the naive formula.
+
+On a CUDA machine with the ``triton`` package these tests run the kernels on the GPU.
+Without a GPU they run in Triton's interpreter on CPU tensors. That needs the triton
+package, which is not a project dependency (a wheel of about 170 MB), and
+TRITON_INTERPRET=1 set before Python starts; `test_interpreter_mode` does that by running
+this file again in a subprocess. So, on any machine:
+
+    pip install triton==3.7.1          # the version paired with torch 2.13
+    python -m pytest -q tests/test_tal_triton.py
+
+Without triton every test here is skipped with the reason.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from Layers import _tal_kernel
+from test_tal import basis_case, inputs_for
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETING else "cuda"
+
+if not HAVE_TRITON:
+    _why = "triton is not installed (optional; see this file's docstring to run these tests)"
+elif not (INTERPRETING or torch.cuda.is_available()):
+    _why = "no CUDA device: the kernels run in Triton's interpreter through test_interpreter_mode"
+else:
+    _why = None
+needs_kernels = pytest.mark.skipif(_why is not None, reason=_why or "")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("TAAN_TAL_BACKEND", "triton")
+
+
+def case(R, N, T, M, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(R, N, generator=g, dtype=dtype)
+    alpha = torch.randn(T, M, generator=g, dtype=dtype)
+    basis = (2 * torch.rand(1, M, generator=g, dtype=dtype) - 1)
+    rt = torch.randint(0, T, (R,), generator=g)
+    grad = torch.randn(R, N, generator=g, dtype=dtype)
+    return [t.to(DEVICE) for t in (a, alpha, basis, rt, grad)]
+
+
+def kernel_and_naive(a, alpha, basis, rt, grad):
+    """(output, grads of a, alpha, basis) from the kernel and from the naive formula."""
+    results = []
+    for fn in (lambda *x: _tal_kernel.tal_activation(*x, rt),
+               lambda a_, al, b: _tal_kernel.tal_activation_naive(a_, al[rt][:, None, :], b)):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, alpha, basis)]
+        out = fn(*leaves)
+        results.append((out.detach(),) + torch.autograd.grad(out, leaves, grad))
+    return results
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [16, 64, 256])
+@pytest.mark.parametrize("shape", [(37, 101), (2, 4301)], ids=["odd", "several-programs-per-row"])
+def test_float32_per_row_tasks_match_naive(M, shape):
+    got, want = kernel_and_naive(*case(*shape, T=5, M=M, dtype=torch.float32))
+    assert _tal_kernel.backend_for(got[0], M) == "triton"
+    for u, v, name in zip(got, want, ("out", "grad a", "grad alpha", "grad basis")):
+        scale = v.abs().max().item() + 1
+        assert (u - v).abs().max().item() <= 2e-5 * scale, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 16, 64, 256])
+@pytest.mark.parametrize("keep", [True, False], ids=["buckets-kept", "buckets-found-again"])
+def test_float64_equals_naive(M, keep, monkeypatch):
+    if not keep:
+        monkeypatch.setattr(_tal_kernel, "KEEP_BUCKETS_MAX_BASIS", 0)
+    got, want = kernel_and_naive(*case(29, 77, T=3, M=M, dtype=torch.float64, seed=M))
+    for u, v, name in zip(got, want, ("out", "grad a", "grad alpha", "grad basis")):
+        assert (u - v).abs().max().item() < 1e-10, name
+
+
+@needs_kernels
+def test_gradcheck_float64():
+    a, alpha, basis, rt, _ = case(3, 7, T=2, M=4, dtype=torch.float64, seed=3)
+    leaves = [t.requires_grad_() for t in (a, alpha, basis)]
+    assert torch.autograd.gradcheck(lambda *x: _tal_kernel.tal_activation(*x, rt), leaves, eps=1e-6, atol=1e-7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["random", "ties", "crowded", "equal", "one", "huge", "tiny", "large"])
+def test_buckets_equal_searchsorted(which):
+    """The same stress cases as the C++ kernel's (tests/test_tal.py)."""
+    g = torch.Generator().manual_seed(7)
+    s = basis_case(which, torch.float64, g)
+    a = inputs_for(s, g, torch.float64)
+    rt = torch.tensor([0, 2, 1, 1, 0, 2])
+    alpha = torch.randn(3, s.numel(), generator=g, dtype=torch.float64)
+    s_, _, _, A, S = _tal_kernel._sorted_tables(alpha, s.view(1, -1))
+    from Layers import _tal_triton
+    out, k = _tal_triton.forward(*(t.to(DEVICE) for t in (a, rt, s_, A, S)), True)
+    ref_out, ref_k = _tal_kernel._torch_forward(a, rt, s_, A, S, True)
+    torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-15, atol=0, equal_nan=True)
+    if k.numel():
+        assert torch.equal(k.cpu()[~a.isnan()], ref_k[~a.isnan()])
+
+
+@needs_kernels
+def test_layer_uses_the_kernel_and_matches_the_torch_path(monkeypatch):
+    from Layers import TAL_Conv2d
+    torch.manual_seed(0)
+    layer = TAL_Conv2d(3, 4, 3, 8, 5, padding=1).to(DEVICE)
+    x = torch.randn(6, 3, 9, 7, device=DEVICE)
+    ids = torch.tensor([4, 0, 2, 2, 1, 3], device=DEVICE)
+    out = layer(x, ids, per_row=True)
+    monkeypatch.setenv("TAAN_TAL_BACKEND", "torch")
+    assert torch.allclose(out, layer(x, ids, per_row=True), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (optional; see this file's docstring)")
+@pytest.mark.skipif(INTERPRETING, reason="already in Triton's interpreter")
+def test_interpreter_mode():
+    """Runs this file's kernel tests in Triton's interpreter on the CPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("TAAN_TAL_BACKEND", None)
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
