@@ -10,9 +10,10 @@ tables A[t, k] = sum_{m >= k} alpha[t, m], S[t, k] = sum_{m >= k} alpha[t, m] s_
 
 Compiled without contracting a * b + c into fused multiply-adds, so the forward gives the
 same bits as the C++ and PyTorch paths. A program handles one piece of one row (one task). Its bucket sums are accumulated in
-registers: per block of elements, a [block, bins] comparison with the bucket ids, summed
-over the block (float64 across blocks); only then does the program add its bins to the
-global [2, T, M + 1] float64 table with one atomic per bin. The float64 atomics make the
+registers: per block of elements, a [block, bins] comparison with the bucket ids 0..M-1
+(bins = M rounded up to a power of two, at least 16), summed over the block, and the last bucket M
+apart (float64 across blocks); only then does the program add its sums to the global
+[2, T, M + 1] float64 table with one atomic per bucket. The float64 atomics make the
 order of the additions, and so the last bits of the sums, vary from run to run.
 
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``
@@ -87,9 +88,11 @@ if triton is not None:
         start = (tl.program_id(0) % pieces) * chunk
         end = tl.minimum(start + chunk, N)
         t = tl.load(task_ptr + row)
-        bins = tl.arange(0, BINS)
+        bins = tl.arange(0, BINS)                  # buckets 0 .. M - 1; bucket M summed apart
         sum_g = tl.zeros([BINS], dtype=tl.float64)
         sum_ga = tl.zeros([BINS], dtype=tl.float64)
+        top_g = tl.zeros([BLOCK], dtype=tl.float64)
+        top_ga = tl.zeros([BLOCK], dtype=tl.float64)
         for lo in range(start, end, BLOCK):
             cols = lo + tl.arange(0, BLOCK)
             mask = cols < end
@@ -105,12 +108,17 @@ if triton is not None:
                 step = tl.where(a > zero, zero + 1, zero)
                 slope = step - tl.load(A_ptr + t * (M + 1) + k, mask=mask, other=0.0)
                 tl.store(grad_ptr + offs, g * slope, mask=mask)
+            ga = g * a
             hit = k[:, None] == bins[None, :]                          # [BLOCK, BINS]
             sum_g += tl.sum(tl.where(hit, g[:, None], 0.0), axis=0).to(tl.float64)
-            sum_ga += tl.sum(tl.where(hit, (g * a)[:, None], 0.0), axis=0).to(tl.float64)
+            sum_ga += tl.sum(tl.where(hit, ga[:, None], 0.0), axis=0).to(tl.float64)
+            top_g += tl.where(k == M, g, 0.0).to(tl.float64)
+            top_ga += tl.where(k == M, ga, 0.0).to(tl.float64)
         K = M + 1
-        tl.atomic_add(sums_ptr + t * K + bins, sum_g, mask=bins < K)
-        tl.atomic_add(sums_ptr + (T + t) * K + bins, sum_ga, mask=bins < K)
+        tl.atomic_add(sums_ptr + t * K + bins, sum_g, mask=bins < M)
+        tl.atomic_add(sums_ptr + (T + t) * K + bins, sum_ga, mask=bins < M)
+        tl.atomic_add(sums_ptr + t * K + M, tl.sum(top_g, axis=0))
+        tl.atomic_add(sums_ptr + (T + t) * K + M, tl.sum(top_ga, axis=0))
 
 
 def forward(a, row_task, s, A, S, keep_buckets):
@@ -134,7 +142,7 @@ def backward(g, a, k, row_task, s, A, need_grad_a):
     grad_a = torch.empty_like(a) if need_grad_a else a.new_empty(0)
     sums = torch.zeros(2, T, M + 1, dtype=torch.float64, device=a.device)
     if a.numel():
-        bins = triton.next_power_of_2(M + 1)
+        bins = max(16, triton.next_power_of_2(M))
         block = max(16, min(128, 8192 // bins))        # the [block, bins] comparison stays small
         pieces = triton.cdiv(N, CHUNK)
         _backward_kernel[(R * pieces,)](g, a, k if k.numel() else a, row_task, s, A,
