@@ -93,7 +93,27 @@ def _check_task(t, num_tasks):
         raise ValueError(f"task must be an int in 0..{num_tasks - 1}, got {t!r}")
 
 
-class _OmniglotNet(nn.Module):
+class HeadsAtFactorLR:
+    """Adam over a network whose `heads` (a module) learn at 50x the rate of the rest."""
+
+    def param_groups(self, lr):
+        """Adam groups: the trunk at lr, the heads at 50 lr (as the original)."""
+        heads = list(self.heads.parameters())
+        head_ids = {id(p) for p in heads}
+        trunk = [p for p in self.parameters() if id(p) not in head_ids]
+        return [{"params": trunk, "lr": lr}, {"params": heads, "lr": HEAD_LR_FACTOR * lr}]
+
+    def make_optimizer(self, lr, weight_decay=WEIGHT_DECAY):
+        """Adam over `param_groups(lr)` (L2 weight decay 0.005 as the original). The fused
+        implementation (same update, one kernel for all tensors) is used for float32/64
+        parameters on the CPU or CUDA; call after moving the model to its device."""
+        params = list(self.parameters())
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                    for p in params)
+        return torch.optim.Adam(self.param_groups(lr), lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+class _OmniglotNet(HeadsAtFactorLR, nn.Module):
     """What the three networks share: the per-alphabet heads and the optimiser groups."""
 
     def __init__(self, num_classes):
@@ -113,22 +133,6 @@ class _OmniglotNet(nn.Module):
     def regularization(self, c):
         """Sum of the layers' c * R(layer); the float 0. for networks without a regulariser."""
         return 0.
-
-    def param_groups(self, lr):
-        """Adam groups: the trunk at lr, the heads at 50 lr (as the original)."""
-        heads = list(self.heads.parameters())
-        head_ids = {id(p) for p in heads}
-        trunk = [p for p in self.parameters() if id(p) not in head_ids]
-        return [{"params": trunk, "lr": lr}, {"params": heads, "lr": HEAD_LR_FACTOR * lr}]
-
-    def make_optimizer(self, lr, weight_decay=WEIGHT_DECAY):
-        """Adam over `param_groups(lr)` (L2 weight decay 0.005 as the original). The fused
-        implementation (same update, one kernel for all tensors) is used for float32/64
-        parameters on the CPU or CUDA; call after moving the model to its device."""
-        params = list(self.parameters())
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
-                    for p in params)
-        return torch.optim.Adam(self.param_groups(lr), lr=lr, weight_decay=weight_decay, fused=fused)
 
 
 class TAAN(_OmniglotNet):

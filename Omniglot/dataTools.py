@@ -280,6 +280,30 @@ def prepare(root, seed=0, train_fraction=0.9, force=False):
     return cache_path(root)
 
 
+class TaskPasses:
+    """Where every task's shuffled pass stands: the sampling state of one run.
+
+    `order[t]` is the current random order of task t's images (global indices, or None
+    before the first draw) and `cursor[t]` how many of them were drawn. Each run keeps its
+    own, so several runs can draw from one `OmniglotData` without disturbing each other."""
+
+    def __init__(self, num_tasks):
+        self.order = [None] * num_tasks
+        self.cursor = [0] * num_tasks
+
+    def state_dict(self):
+        empty = torch.zeros(0, dtype=torch.long)
+        return {"order": [empty if o is None else o.cpu() for o in self.order],
+                "cursor": torch.tensor(self.cursor, dtype=torch.long)}
+
+    def load_state_dict(self, state):
+        if len(state["order"]) != len(self.order):
+            raise ValueError(f"the sampling state has {len(state['order'])} alphabets, the data "
+                             f"{len(self.order)}")
+        self.order = [o if o.numel() else None for o in state["order"]]
+        self.cursor = [int(c) for c in state["cursor"]]
+
+
 class OmniglotData:
     """All images of one split in memory (uint8, on `device`), with per-task batching.
 
@@ -291,13 +315,22 @@ class OmniglotData:
     task_ids the task (long [B]). Sampling goes through each task's images in a random
     order and reshuffles when fewer than batch_size are left, like a shuffled per-task
     DataLoader that drops the last incomplete batch. `generator` is a CPU torch.Generator
-    (or None for the global one); the batches are built on `device`.
+    (or None for the global one); the batches are built on `device`. Where each task's
+    pass stands is a `TaskPasses` object: the data's own by default, or one per run
+    (`new_passes()`) when several runs draw from the same data.
+
+    `alphabets=N` keeps only the first N alphabets (in task order) of the lists.
     """
 
-    def __init__(self, root, split="train", device="cpu", build=True):
+    def __init__(self, root, split="train", device="cpu", build=True, alphabets=None):
         if split not in SPLITS:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         classes = read_class_annotation(root)
+        if alphabets is not None:
+            if not 1 <= alphabets <= len(classes):
+                raise UserError(f"--alphabets must be in 1..{len(classes)} ({root} lists {len(classes)} "
+                                f"alphabets), got {alphabets}")
+            classes = classes[:alphabets]
         if not cache_is_current(root):
             if not build:
                 raise UserError(f"{cache_path(root)} is missing or older than the "
@@ -324,7 +357,7 @@ class OmniglotData:
         self.labels = torch.from_numpy(labels).to(self.device)
         self.task_ids = torch.repeat_interleave(torch.arange(len(self.tasks)),
                                                 torch.tensor(self.sizes)).to(self.device)
-        self.reset_sampling()      # _order, _cursor: the current shuffled pass over each task
+        self.passes = self.new_passes()
 
     @property
     def num_tasks(self):
@@ -333,57 +366,52 @@ class OmniglotData:
     def __len__(self):
         return int(self.offsets[-1])
 
+    def new_passes(self):
+        """A fresh sampling state: the next draw of every task starts a new shuffled pass."""
+        return TaskPasses(self.num_tasks)
+
     def _check_task(self, task):
         if not 0 <= task < self.num_tasks:
             raise ValueError(f"task must be in 0..{self.num_tasks - 1}, got {task}")
 
-    def _take(self, task, batch_size, generator):
+    def _take(self, task, batch_size, generator, passes):
         """Next batch_size global indices of a task's shuffled pass (CPU long tensor)."""
         n = self.sizes[task]
         if not 1 <= batch_size <= n:
             raise UserError(f"batch_size must be in 1..{n} for task {task} ({self.tasks[task]} "
                             f"has {n} {self.split} images), got {batch_size}")
-        if self._order[task] is None or self._cursor[task] + batch_size > n:
-            self._order[task] = torch.randperm(n, generator=generator) + int(self.offsets[task])
-            self._cursor[task] = 0
-        start = self._cursor[task]
-        self._cursor[task] = start + batch_size
-        return self._order[task][start:start + batch_size]
+        passes = passes or self.passes
+        if passes.order[task] is None or passes.cursor[task] + batch_size > n:
+            passes.order[task] = torch.randperm(n, generator=generator) + int(self.offsets[task])
+            passes.cursor[task] = 0
+        start = passes.cursor[task]
+        passes.cursor[task] = start + batch_size
+        return passes.order[task][start:start + batch_size]
 
-    def _gather(self, idx):
-        idx = idx.to(self.device)  # index_select: much faster than images[idx] for uint8
-        x = torch.index_select(self.images, 0, idx).unsqueeze(1).float()
-        return x, torch.index_select(self.labels, 0, idx), idx
+    def gather(self, idx):
+        """(x float [..., 1, H, W], y long [...]) of the images with global indices idx (any shape)."""
+        flat = idx.reshape(-1).to(self.device)  # index_select: much faster than images[idx] for uint8
+        x = torch.index_select(self.images, 0, flat).view(*idx.shape, 1, self.image_size, self.image_size)
+        return x.float(), torch.index_select(self.labels, 0, flat).view(idx.shape)
 
-    def sample_batch(self, task, batch_size, generator=None):
+    def sample_batch(self, task, batch_size, generator=None, passes=None):
         """(x [b, 1, H, W] float, y [b] long) of one task."""
         self._check_task(task)
-        x, y, _ = self._gather(self._take(task, batch_size, generator))
-        return x, y
+        return self.gather(self._take(task, batch_size, generator, passes))
 
-    def sample_all(self, batch_size, generator=None):
+    def draw_all(self, batch_size, generator=None, passes=None):
+        """Global indices [T * batch_size] of the next batch_size images of every task, task
+        after task (what `sample_all` gathers)."""
+        return torch.cat([self._take(t, batch_size, generator, passes) for t in range(self.num_tasks)])
+
+    def all_task_ids(self, batch_size):
+        """The task ids [T * batch_size] of a `sample_all(batch_size)` batch."""
+        return torch.arange(self.num_tasks, device=self.device).repeat_interleave(batch_size)
+
+    def sample_all(self, batch_size, generator=None, passes=None):
         """batch_size images of every task, task after task: (x [T*b, 1, H, W], y, task_ids)."""
-        idx = torch.cat([self._take(t, batch_size, generator) for t in range(self.num_tasks)])
-        x, y, idx = self._gather(idx)
-        return x, y, torch.index_select(self.task_ids, 0, idx)
-
-    def reset_sampling(self):
-        """Forget the current shuffled passes: the next draw of every task starts a new one."""
-        self._order = [None] * self.num_tasks
-        self._cursor = [0] * self.num_tasks
-
-    def sampling_state_dict(self):
-        """Where every task's shuffled pass stands (to resume a run with the same batches)."""
-        empty = torch.zeros(0, dtype=torch.long)
-        return {"order": [empty if o is None else o.cpu() for o in self._order],
-                "cursor": torch.tensor(self._cursor, dtype=torch.long)}
-
-    def load_sampling_state_dict(self, state):
-        if len(state["order"]) != self.num_tasks:
-            raise ValueError(f"the sampling state has {len(state['order'])} alphabets, the data "
-                             f"{self.num_tasks}")
-        self._order = [o if o.numel() else None for o in state["order"]]
-        self._cursor = [int(c) for c in state["cursor"]]
+        x, y = self.gather(self.draw_all(batch_size, generator, passes))
+        return x, y, self.all_task_ids(batch_size)
 
     def balanced_batches(self, per_task):
         """Yield (x, y, task_ids) over every image once: step j holds images
@@ -393,8 +421,8 @@ class OmniglotData:
         for j in range(self.balanced_steps(per_task)):
             idx = torch.cat([torch.arange(min(a + j * per_task, b), min(a + (j + 1) * per_task, b))
                              for a, b in zip(starts, stops)])
-            x, y, idx = self._gather(idx)
-            yield x, y, torch.index_select(self.task_ids, 0, idx)
+            x, y = self.gather(idx)
+            yield x, y, torch.index_select(self.task_ids, 0, idx.to(self.device))
 
     def balanced_steps(self, per_task):
         """Number of steps of `balanced_batches(per_task)`."""
@@ -405,14 +433,14 @@ class OmniglotData:
         self._check_task(task)
         start, stop = int(self.offsets[task]), int(self.offsets[task + 1])
         for s in range(start, stop, batch_size):
-            x, y, _ = self._gather(torch.arange(s, min(s + batch_size, stop)))
-            yield x, y
+            yield self.gather(torch.arange(s, min(s + batch_size, stop)))
 
     def batches(self, batch_size):
         """Yield (x, y, task_ids) over the whole split in task order (batches may span tasks)."""
         for s in range(0, len(self), batch_size):
-            x, y, idx = self._gather(torch.arange(s, min(s + batch_size, len(self))))
-            yield x, y, torch.index_select(self.task_ids, 0, idx)
+            idx = torch.arange(s, min(s + batch_size, len(self)))
+            x, y = self.gather(idx)
+            yield x, y, torch.index_select(self.task_ids, 0, idx.to(self.device))
 
 
 def main(argv=None):

@@ -35,6 +35,7 @@ from Training import (ArgumentParser, Dataflow, Experiment, add_run_arguments, a
 
 BEST_NAME, STATE_NAME, CONFIG_NAME, RESULT_NAME = ("model_params.pt", "training_state.pt",
                                                    "config.json", "result.json")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def add_training_arguments(p, outputs=True):
@@ -44,6 +45,8 @@ def add_training_arguments(p, outputs=True):
                    help="folder with images_background/ and images_evaluation/ (default %(default)s)")
     p.add_argument("--split_seed", type=int, default=0,
                    help="seed of the 90/10 train/test split, used when the lists are first written")
+    p.add_argument("--alphabets", type=int, default=None,
+                   help="use only the first N alphabets (in task order; default all)")
     p.add_argument("--basis", type=int, default=32, help="TAAN basis functions per layer (default 32)")
     p.add_argument("--lr", type=float, default=1e-5, help="base learning rate; heads get 50x (default 1e-5)")
     p.add_argument("--batch", type=int, default=5, help="training images per alphabet per iteration (default 5)")
@@ -56,6 +59,8 @@ def add_training_arguments(p, outputs=True):
                         "cosine_original) instead of the paper's")
     p.add_argument("--c0", type=float, default=C0_ORIGINAL,
                    help="constant 1/sqrt(2 pi) of the regularisers' closed forms (original: %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                   help="floating-point type of the network (default float32; float64 for exactness checks)")
     add_run_arguments(p, early_stop=100, outputs=outputs,
                       early_stop_help="stop after this many evaluations without improvement (default 100)")
 
@@ -73,8 +78,8 @@ def build_parser():
 
 def check_args(parser, args):
     """Argparse errors for values no run can use."""
-    for name in ("basis", "batch", "num_iter", "test_interval", "early_stop", "eval_batch"):
-        if getattr(args, name) < 1:
+    for name in ("basis", "batch", "num_iter", "test_interval", "early_stop", "eval_batch", "alphabets"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
@@ -84,30 +89,37 @@ def check_args(parser, args):
         parser.error(f"--regularize {args.regularize} needs --model taan (the {args.model} network has no TAL layers)")
 
 
-def load_data(root, device, split_seed=0):
-    """(train, test) OmniglotData of root; writes the split lists and the cache if needed."""
+def load_data(root, device, split_seed=0, alphabets=None):
+    """(train, test) OmniglotData of root (its first `alphabets` alphabets, or all); writes
+    the split lists and the cache if needed."""
     prepare(root, seed=split_seed)
-    return OmniglotData(root, "train", device), OmniglotData(root, "test", device)
+    return OmniglotData(root, "train", device, alphabets=alphabets), OmniglotData(root, "test", device,
+                                                                                  alphabets=alphabets)
 
 
 class TrainSampler:
-    """One `sample_all(batch)` draw per iteration, with a state_dict so that a resumed run
-    draws the same batches as an uninterrupted one (the generator and the data's position
-    in each alphabet's shuffled pass)."""
+    """One `sample_all(batch)` draw per iteration from the run's own shuffled passes, with a
+    state_dict so that a resumed run draws the same batches as an uninterrupted one (the
+    generator and the run's position in each alphabet's shuffled pass). Several samplers
+    may draw from the same data (runs trained at once)."""
 
     def __init__(self, data, batch, seed):
         self.data, self.batch = data, batch
         self.generator = torch.Generator().manual_seed(int(seed))
-        data.reset_sampling()      # every run starts new shuffled passes
+        self.passes = data.new_passes()
 
     def __call__(self):
-        return self.data.sample_all(self.batch, self.generator)
+        return self.data.sample_all(self.batch, self.generator, self.passes)
+
+    def indices(self):
+        """The global indices of the next batch (what __call__ would gather)."""
+        return self.data.draw_all(self.batch, self.generator, self.passes)
 
     def state_dict(self):
-        return dict(self.data.sampling_state_dict(), generator=self.generator.get_state())
+        return dict(self.passes.state_dict(), generator=self.generator.get_state())
 
     def load_state_dict(self, state):
-        self.data.load_sampling_state_dict(state)
+        self.passes.load_state_dict(state)
         self.generator.set_state(state["generator"])
 
 
@@ -157,7 +169,7 @@ class Omniglot(Experiment):
 
     def get_dataflow(self, device):
         args = self.args
-        train, test = self.data or load_data(args.data_root, device, args.split_seed)
+        train, test = self.data or load_data(args.data_root, device, args.split_seed, args.alphabets)
         self.sampler = TrainSampler(train, args.batch, args.seed)
         return Dataflow(train=None, evaluate=EvalBatches(test, args.eval_batch), epoch_length=args.num_iter,
                         max_epochs=1, eval_interval=args.test_interval, eval_first=True,
@@ -166,16 +178,16 @@ class Omniglot(Experiment):
     def initialize(self, data, device):
         args = self.args
         model = build_model(args.model, data.info["num_classes"], basis=args.basis, regularize=self.regularize,
-                            c0=args.c0).to(device)
+                            c0=args.c0).to(device=device, dtype=DTYPES[args.dtype])
         return model, model.make_optimizer(args.lr)
 
     def loss(self, model, batch):
         x, y, ids = self.sampler()
-        return multitask_loss(model(x, ids), split_by_task(y, ids, model.num_tasks))
+        return multitask_loss(model(x.to(DTYPES[self.args.dtype]), ids), split_by_task(y, ids, model.num_tasks))
 
     def eval_step(self, model, batch):
         x, y, ids = batch
-        pred = torch.cat([z.argmax(-1) for z in model(x, ids)])
+        pred = torch.cat([z.argmax(-1) for z in model(x.to(DTYPES[self.args.dtype]), ids)])
         truth = torch.cat(split_by_task(y, ids, model.num_tasks))
         return int((pred == truth).sum()), truth.numel()
 
