@@ -8,20 +8,41 @@ For a set of N videos with scores s [N, C] and 0/1 labels y [N, C]:
     mAP@K   = (1 / N) * sum_{i in kept} AP_i
 
 i.e. sklearn's average_precision_score(average='samples') over the kept videos, scaled by
-|kept| / N. Every term is per video, so a split can be processed in batches by adding up
-sum_{i in kept} AP_i and N, and dividing at the end.
+|kept| / N, as the original computes it. Every term is per video, so a split can be
+processed in batches by adding up sum_{i in kept} AP_i and N, and dividing at the end.
+
+AP_i is computed for all videos at once (`average_precision_rows`) with sklearn's
+definition -- precision at every distinct score, tied scores forming one threshold:
+
+    AP = (1 / #positives) sum_{thresholds j} (TP_j - TP_{j-1}) * TP_j / (number ranked >= j)
+
+which equals sklearn's per-video value (tests: to 1e-12, ties included) without its
+per-video overhead of about 2 ms (an hour for the 1.1M validation videos of Youtube-8M).
 """
 import numpy as np
 import torch
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
-from sklearn.metrics import average_precision_score
 
 
 def _as_numpy(a):
     if isinstance(a, torch.Tensor):
         return a.detach().float().cpu().numpy()
     return np.asarray(a)
+
+
+def average_precision_rows(labels, scores):
+    """sklearn's average_precision_score of every row of 0/1 `labels` [n, K] against
+    `scores` [n, K] (each row needs a positive), as a float64 array [n]."""
+    order = np.argsort(-scores, axis=1, kind='stable')
+    s = np.take_along_axis(scores, order, axis=1)
+    tp = np.cumsum(np.take_along_axis(labels, order, axis=1), axis=1, dtype=np.float64)
+    ends = np.ones(s.shape, dtype=bool)               # the last position of every group of tied scores
+    ends[:, :-1] = s[:, 1:] != s[:, :-1]
+    previous = np.zeros_like(tp)                      # TP at the end of the previous group
+    previous[:, 1:] = np.maximum.accumulate(np.where(ends, tp, 0.0), axis=1)[:, :-1]
+    ranked = np.arange(1, s.shape[1] + 1, dtype=np.float64)
+    return np.where(ends, (tp - previous) * tp / ranked, 0.0).sum(axis=1) / tp[:, -1]
 
 
 def ap_at_k_sum(scores, labels, k=10):
@@ -39,10 +60,7 @@ def ap_at_k_sum(scores, labels, k=10):
     n_kept = int(kept.sum())
     if n_kept == 0:
         return 0.0, n
-    if top_labels.shape[1] == 1:      # a single candidate that is a true label: AP = 1
-        return float(n_kept), n
-    ap = average_precision_score(top_labels[kept], top_scores[kept], average='samples')
-    return float(ap) * n_kept, n
+    return float(average_precision_rows(top_labels[kept], top_scores[kept]).sum()), n
 
 
 def map_at_k(scores, labels, k=10):

@@ -254,3 +254,15 @@ def test_flipped_byte_is_found_before_loading(tmp_path):
     assert not torch.equal(torch.load(path, weights_only=True)['weight'], model.weight)    # silently wrong
     with pytest.raises(CheckpointError, match=r'model\.pt is damaged \(the data of .*/data/0 fails its checksum\)'):
         read_checkpoint(path)
+
+
+@pytest.mark.parametrize('k', [1, 3, 10])
+def test_average_precision_rows_equals_sklearn_with_ties(k):
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 4, size=(300, k)).astype(np.float32) / 4       # many tied scores
+    scores[::7] = rng.random((len(scores[::7]), k))
+    labels = (rng.random((300, k)) < 0.4).astype(np.int32)
+    labels[labels.sum(1) == 0, 0] = 1
+    from Training.metrics import average_precision_rows
+    expected = [average_precision_score(y, s) for y, s in zip(labels, scores)] if k > 1 else [1.0] * 300
+    np.testing.assert_allclose(average_precision_rows(labels, scores), expected, rtol=1e-12, atol=0)
