@@ -205,7 +205,7 @@ SHRINK = {'Trainer.py': ['--hidden_feature', '8', '--batch_size', '32', '--max_e
           'Visualizer.py': ['--hidden_feature', '8', '--basis', '4']}
 
 
-def test_every_original_command_line_runs(data, tmp_path, monkeypatch):
+def test_every_original_command_line_runs(data, tmp_path, monkeypatch, capsys):
     """Each command of the original README, as written plus the tiny sizes, from a folder
     of its own (the saveto folders are relative to it, as in the original)."""
     monkeypatch.chdir(tmp_path)
@@ -218,6 +218,7 @@ def test_every_original_command_line_runs(data, tmp_path, monkeypatch):
                                                                '-average_mAP%K.txt')
             assert 0 < float(np.loadtxt(tmp_path / result['paths']['average'])) <= 1
         else:
+            assert capsys.readouterr().out.count('DMTRL (') == 3      # says what takes minutes at full size
             written = Visualizer.main(argv + SHRINK[script])['files']
             assert sorted(os.path.relpath(f, tmp_path) for f in written) == sorted(
                 f'results/TAAN/TAAN-{name}' for name in ('task_distance.png', 'task_distance.pdf', 'task_cosine.png',
