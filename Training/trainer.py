@@ -343,6 +343,8 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
             f'{experiment.score} {value:.4f} (best {early_stopping.best_score:.4f}, '
             f'{early_stopping.counter} without gain)')
 
+    if hasattr(data.train, 'set_epoch'):      # a new sample order every epoch, as a DistributedSampler's
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: data.train.set_epoch(engine.state.epoch - 1))
     every = (Events.EPOCH_COMPLETED if data.eval_interval is None
              else Events.ITERATION_COMPLETED(every=data.eval_interval))
     if data.eval_first:

@@ -97,6 +97,23 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     assert read_results(full, 'TAAN')[1] == read_results(part, 'TAAN')[1]
 
 
+def test_every_epoch_draws_its_own_batch_order(data):
+    """Epoch e takes the loaders' order of (seed, epoch e): the first batch of task 0 in each
+    epoch is the first batch of iter_epoch(e - 1)."""
+    first = {}
+
+    def record(trainer):
+        @trainer.on(Events.ITERATION_STARTED)
+        def keep(engine):
+            first.setdefault(engine.state.epoch, engine.state.batch[0][0].clone())
+    Trainer.main(['--model', 'Hard3', '--max_epoch', '3', '--early_stop', '5', '--data_path', data] + TINY,
+                 setup_hook=record)
+    loader = MultiTask_Dataloader('train', 16, data_path=data, seed=0)[0][0]
+    assert len(first) == 3 and not torch.equal(first[1], first[2])
+    for epoch, x in first.items():
+        assert torch.equal(x, next(iter(loader.iter_epoch(epoch - 1, 0)))[0])
+
+
 def test_corrupt_training_state_is_reported(data, tmp_path):
     state = tmp_path / 'TAAN-training_state.pt'
     state.write_bytes(b'\x00' * 100)
