@@ -81,7 +81,9 @@ def test_stale_torch_lock_of_a_killed_build_is_cleared(unfinished_build):
         open(os.path.join(directory, "lock"), "w").close()
     result = first_forward(bound_s=240)     # a no-op ninja run, or a rebuild of about a minute
     assert result["backend"] == "cpp" and result["err"] < 1e-10
-    assert "left by a killed build" in result["stderr"]
+    # Usually the child clears the lock ("removed ..., left by a killed build"); on a machine
+    # where other TAAN processes run, one of them may do it first. Had nobody cleared it,
+    # whoever took the build lock would wait for it forever and the child would time out.
     assert not os.path.exists(os.path.join(directory, "lock"))
     assert os.path.exists(os.path.join(directory, "built"))
 
