@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._tal_kernel import tal_activation
+from ._tal_kernel import fused_batchnorm_applies, tal_activation, tal_batchnorm_activation
 from ._tasks import parse_task, check_width
 
 C0_ORIGINAL = 0.4                      # the original code's rounding of 1/sqrt(2 pi)
@@ -195,6 +195,10 @@ class _TAL:
         per_task_input = spec.kind == "multi" and not spec.shared
         B = x.shape[0]
         a = affine(x.flatten(0, 1) if per_task_input else x)      # [rows, *out]
+        if hasattr(self, "bn") and spec.kind != "multi" and fused_batchnorm_applies(a, self.bn, self.alpha.shape[1]):
+            ids = spec.ids.expand(B) if spec.kind == "single" else spec.ids     # batch norm in the kernel
+            h = tal_batchnorm_activation(a, self.bn, self.alpha, self.basis, ids)
+            return F.dropout(h, p=0.5, training=self.training) if self.dropout else h
         if hasattr(self, "bn"):
             a = self.bn(a)
         out_shape = a.shape[1:]

@@ -208,10 +208,21 @@ def backend_for(tensor, num_basis=0):
     return "torch"
 
 
+def _cpp_forward(a, row_task, s, A, S, keep_buckets):
+    none = a.new_empty(0)
+    return _ext.forward(a, row_task, s, A, S, keep_buckets, none, none)
+
+
+def _cpp_backward(g, a, k, row_task, s, A, need_grad_a):
+    none = a.new_empty(0)
+    return _ext.backward(g, a, k, row_task, s, A, need_grad_a, none, none)[:2]
+
+
 def _kernels(backend):
-    """(forward, backward) of a backend, with the signatures of the C++ kernel's."""
+    """(forward, backward) of a backend: (a, row_task, s, A, S, keep_buckets) -> (out, k) and
+    (g, a, k, row_task, s, A, need_grad_a) -> (grad_a, sums [2, T, M + 1] float64)."""
     if backend == "cpp":
-        return _ext.forward, _ext.backward
+        return _cpp_forward, _cpp_backward
     if backend == "triton":
         return _tal_triton.forward, _tal_triton.backward
     return _torch_forward, _torch_backward
@@ -264,6 +275,20 @@ def _sorted_tables(alpha, basis):
     return s.contiguous(), perm, alpha_s, A.contiguous(), S.contiguous()
 
 
+def _parameter_grads(need_alpha, need_basis, sums, s, perm, alpha_s, dtype):
+    """Gradients of alpha [T, M] and basis [1, M] from the per-bucket sums [2, T, M + 1]."""
+    M = s.numel()
+    cum_g, cum_ga = sums[:, :, :M].cumsum(2)                # sums over buckets k <= m
+    grad_alpha = grad_basis = None
+    if need_alpha:
+        grad_alpha = torch.empty_like(alpha_s, dtype=dtype)
+        grad_alpha[:, perm] = (s.double() * cum_g - cum_ga).to(dtype)
+    if need_basis:
+        grad_basis = torch.empty(1, M, dtype=dtype, device=s.device)
+        grad_basis[0, perm] = (alpha_s.double() * cum_g).sum(0).to(dtype)
+    return grad_alpha, grad_basis
+
+
 class TALActivation(torch.autograd.Function):
     """out[r, n] = f_{row_task[r]}(a[r, n]); a is [R, N], row_task a LongTensor [R]."""
 
@@ -283,21 +308,87 @@ class TALActivation(torch.autograd.Function):
         g = g.contiguous()
         need_a = ctx.needs_input_grad[0]
         grad_a, sums = _kernels(ctx.backend)[1](g, a, k, row_task, s, A, need_a)
-        M = s.numel()
-        cum_g, cum_ga = sums[:, :, :M].cumsum(2)                # sums over buckets k <= m
-        grad_alpha = grad_basis = None
-        if ctx.needs_input_grad[1]:
-            grad_alpha = torch.empty_like(alpha_s)
-            grad_alpha[:, perm] = (s.double() * cum_g - cum_ga).to(a.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_basis = torch.empty(1, M, dtype=a.dtype, device=a.device)
-            grad_basis[0, perm] = (alpha_s.double() * cum_g).sum(0).to(a.dtype)
+        grad_alpha, grad_basis = _parameter_grads(ctx.needs_input_grad[1], ctx.needs_input_grad[2], sums,
+                                                  s, perm, alpha_s, a.dtype)
         return (grad_a if need_a else None), grad_alpha, grad_basis, None
 
 
 def tal_activation(a, alpha, basis, row_task):
     """TAL activation of ``a`` [R, N] where row r uses task ``row_task[r]``."""
     return TALActivation.apply(a, alpha, basis, row_task)
+
+
+class TALBatchNormActivation(torch.autograd.Function):
+    """out[r] = f_{row_task[r]}(a[r]) with a = BN(z) = (z - mean) invstd weight + bias per
+    channel, for z [R, C, *]: batch norm folded into the C++ kernel, so that a is never
+    stored (the backward pass recomputes it from z, which batch norm keeps anyway).
+
+    Backward, with g_a = dL/da = g f'(a), n elements per channel, x = (z - mean) invstd:
+        dL/dweight = sum g_a x,   dL/dbias = sum g_a,
+        dL/dz = weight invstd (g_a - mean(g_a) - x mean(g_a x))   (batch statistics)
+              = weight invstd g_a                                  (running statistics)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, mean, invstd, alpha, basis, row_task, batch_stats):
+        shape = z.shape
+        z, row_task = z.contiguous().view(shape[0], -1), row_task.contiguous()
+        gamma = weight.detach() if weight is not None else torch.ones_like(mean)
+        beta = bias.detach() if bias is not None else torch.zeros_like(mean)
+        scale = (gamma * invstd).to(z.dtype).contiguous()
+        shift = (beta - mean * scale).to(z.dtype).contiguous()
+        s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
+        out, k = _ext.forward(z, row_task, s, A, S, s.numel() <= KEEP_BUCKETS_MAX_BASIS, scale, shift)
+        ctx.save_for_backward(z, k, row_task, s, perm, alpha_s, A, scale, shift, mean, invstd, gamma)
+        ctx.shape, ctx.batch_stats = shape, batch_stats
+        return out.view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        z, k, row_task, s, perm, alpha_s, A, scale, shift, mean, invstd, gamma = ctx.saved_tensors
+        g = g.contiguous().view_as(z)
+        grad, sums, (sum_ga, sum_gaz) = _ext.backward(g, z, k, row_task, s, A, True, scale, shift)
+        need = ctx.needs_input_grad
+        grad_alpha, grad_basis = _parameter_grads(need[5], need[6], sums, s, perm, alpha_s, z.dtype)
+        mean, invstd, gamma = mean.double(), invstd.double(), gamma.double()
+        sum_gax = invstd * (sum_gaz - mean * sum_ga)            # sum of g_a x per channel
+        c1 = gamma * invstd                                     # dL/dz = c1 g_a + c2 z + c3
+        if ctx.batch_stats:
+            n = z.numel() // mean.numel()
+            c2 = -c1 * invstd * sum_gax / n
+            c3 = -c1 * sum_ga / n - c2 * mean
+        else:
+            c2 = c3 = torch.zeros_like(c1)
+        _ext.channel_affine_(grad, z, c1, c2, c3)
+        return (grad.view(ctx.shape) if need[0] else None, sum_gax.to(z.dtype) if need[1] else None,
+                sum_ga.to(z.dtype) if need[2] else None, None, None, grad_alpha, grad_basis, None, None)
+
+
+def fused_batchnorm_applies(z, bn, num_basis):
+    """Whether `tal_batchnorm_activation` can take z [R, C, H, W] and bn (the C++ kernel)."""
+    return type(bn) is torch.nn.BatchNorm2d and z.dim() == 4 and backend_for(z, num_basis) == "cpp"
+
+
+def tal_batchnorm_activation(z, bn, alpha, basis, row_task):
+    """f_t(bn(z)) for z [R, C, H, W], row r with task row_task[r], and a BatchNorm2d `bn`,
+    which behaves as in ``bn(z)``: batch statistics and the running-statistics update in
+    training mode, the running statistics in eval mode."""
+    batch_stats = bn.training or bn.running_mean is None
+    with torch.no_grad():
+        if batch_stats:
+            n = z.numel() // z.shape[1]
+            if n <= 1:
+                raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
+            mean, var = (t.to(z.dtype) for t in _ext.channel_stats(z.contiguous().view(z.shape[0], -1), z.shape[1]))
+            if bn.training and bn.track_running_stats:
+                bn.num_batches_tracked.add_(1)
+                m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+                bn.running_mean.copy_(m * mean + (1 - m) * bn.running_mean)
+                bn.running_var.copy_(m * var * (n / (n - 1)) + (1 - m) * bn.running_var)
+        else:
+            mean, var = bn.running_mean, bn.running_var
+        invstd = torch.rsqrt(var + bn.eps)
+    return TALBatchNormActivation.apply(z, bn.weight, bn.bias, mean, invstd, alpha, basis, row_task, batch_stats)
 
 
 def tal_activation_naive(a, alpha_rows, basis):

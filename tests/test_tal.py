@@ -1,4 +1,5 @@
 """TAL layers: exactness against the naive formula, gradients, regularisers, errors."""
+import copy
 import math
 import os
 
@@ -457,14 +458,68 @@ def test_cpp_buckets_equal_searchsorted(case, dtype):
     rt = torch.tensor([0, 2, 1, 1, 0, 2])
     alpha = torch.randn(T, M, generator=g, dtype=dtype)
     s_, _, _, A, S = _tal_kernel._sorted_tables(alpha, s.view(1, -1))
-    out, k = ext.forward(a, rt, s_, A, S, True)
+    out, k = _tal_kernel._cpp_forward(a, rt, s_, A, S, True)
     ref_out, ref_k = _tal_kernel._torch_forward(a, rt, s_, A, S, True)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)   # same buckets, same rounding
     if M <= 255:        # NaN: bucket 0 here, M in searchsorted; the output is NaN either way
         assert torch.equal(k[~a.isnan()], ref_k[~a.isnan()])
     finite = torch.nan_to_num(a, nan=0.0, posinf=1e3, neginf=-1e3)       # finite sums to compare
     gr = torch.randn(a.shape, generator=g, dtype=dtype)
-    grad_a, sums = ext.backward(gr, finite, ext.forward(finite, rt, s_, A, S, True)[1], rt, s_, A, True)
+    k = _tal_kernel._cpp_forward(finite, rt, s_, A, S, True)[1]
+    grad_a, sums = _tal_kernel._cpp_backward(gr, finite, k, rt, s_, A, True)
     ref_grad_a, ref_sums = _tal_kernel._torch_backward(gr, finite, ref_k[:0], rt, s_, A, True)
     torch.testing.assert_close(grad_a, ref_grad_a, rtol=0, atol=0)
     torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-9)
+
+
+# ------------------------------------------------------------------------ batch norm in the kernel
+def run_conv(layer, x, task, per_row, backend, monkeypatch):
+    """Output, gradients (x, conv, batch norm, alpha, basis) and batch norm buffers after one call."""
+    monkeypatch.setenv("TAAN_TAL_BACKEND", backend)
+    layer = copy.deepcopy(layer)
+    x = x.clone().requires_grad_()
+    out = layer(x, task, per_row=per_row)
+    params = [x, layer.weight, layer.bias, layer.bn.weight, layer.bn.bias, layer.alpha, layer.basis]
+    grads = torch.autograd.grad(out, params, torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
+    return out, grads, [b.clone() for b in layer.bn.buffers()]
+
+
+@pytest.mark.parametrize("mode", ["int", "per_row"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batchnorm_in_the_kernel_equals_batchnorm_then_activation(mode, train, momentum, monkeypatch):
+    """TAL_Conv2d on the C++ kernel folds batch norm into the activation (the normalised
+    tensor is never stored); the result is nn.BatchNorm2d followed by the activation, running
+    statistics included."""
+    assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
+    layer = make("conv", bn=True)
+    layer.bn.momentum = momentum
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-0.2, 0.2)
+        layer.bn.running_mean.uniform_(-0.1, 0.1)
+    layer.train(train)
+    x, task, per_row = call(layer, "conv", mode)
+    fused = run_conv(layer, x, task, per_row, "cpp", monkeypatch)
+    plain = run_conv(layer, x, task, per_row, "torch", monkeypatch)
+    assert (fused[0] - plain[0]).abs().max().item() < 1e-10
+    for u, v in zip(fused[1], plain[1]):
+        assert (u - v).abs().max().item() < 1e-9
+    for u, v in zip(fused[2], plain[2]):
+        assert torch.allclose(u, v, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_in_the_kernel_gradcheck(monkeypatch):
+    monkeypatch.setenv("TAAN_TAL_BACKEND", "cpp")
+    torch.manual_seed(3)
+    layer = TAL_Conv2d(2, 2, 2, 4, 3, bn=True).double()
+    with torch.no_grad():
+        layer.alpha.normal_()
+    x = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([2, 0, 2])
+    names = ["weight", "alpha", "basis", "bn.weight", "bn.bias"]
+    params = [dict(layer.named_parameters())[n] for n in names]
+
+    def f(x, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps)), (x, ids), {"per_row": True})
+    assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)

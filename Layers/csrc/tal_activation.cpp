@@ -174,37 +174,81 @@ void check_inputs(const torch::Tensor& a, const torch::Tensor& row_task, const t
               A.scalar_type() == a.scalar_type(), "A must be a contiguous [T, M + 1] tensor of a's dtype");
 }
 
+// Optional batch norm folded in: with per-channel scale and shift ([C] each, C dividing N,
+// channel c the c-th of C equal pieces of every row), the activation's input is
+//     a = z * scale[c] + shift[c]
+// computed here from z, so that a is never stored: the caller keeps z instead. Empty
+// scale and shift: a = z.
+template <typename scalar_t>
+struct ChannelAffine {
+  const scalar_t* scale = nullptr;
+  const scalar_t* shift = nullptr;
+  int64_t C = 1, P = 0;   // channels per row, elements per channel
+
+  ChannelAffine(const torch::Tensor& sc, const torch::Tensor& sh, int64_t N) : P(N) {
+    if (sc.numel()) {
+      C = sc.numel();
+      P = N / C;
+      scale = sc.data_ptr<scalar_t>();
+      shift = sh.data_ptr<scalar_t>();
+    }
+  }
+  // The activation's input for n elements of channel c: z itself, or the affine map into buf.
+  const scalar_t* input(const scalar_t* z, int64_t c, int64_t n, scalar_t* buf) const {
+    if (!scale) return z;
+    const scalar_t sc = scale[c], sh = shift[c];
+    for (int64_t j = 0; j < n; ++j) buf[j] = z[j] * sc + sh;
+    return buf;
+  }
+};
+
+void check_affine(const torch::Tensor& z, const torch::Tensor& scale, const torch::Tensor& shift) {
+  if (!scale.numel()) return;
+  TORCH_CHECK(scale.dim() == 1 && shift.sizes() == scale.sizes() && scale.is_contiguous() && shift.is_contiguous() &&
+              scale.scalar_type() == z.scalar_type() && shift.scalar_type() == z.scalar_type() &&
+              z.size(1) % scale.size(0) == 0, "scale and shift must be contiguous [C] tensors of z's dtype, "
+              "C dividing the row length");
+}
+
 }  // namespace
 
-// a [R, N], row_task [R] (int64), s [M] sorted, A and S [T, M + 1]
-// -> (out [R, N], k [R, N] uint8 when keep_buckets and M <= 255, else an empty tensor:
-//     the backward pass then finds the buckets again)
-std::vector<torch::Tensor> tal_forward(torch::Tensor a, torch::Tensor row_task, torch::Tensor s,
-                                       torch::Tensor A, torch::Tensor S, bool keep_buckets) {
-  check_inputs(a, row_task, s, A);
-  TORCH_CHECK(S.sizes() == A.sizes() && S.is_contiguous() && S.scalar_type() == a.scalar_type(),
+// z [R, N], row_task [R] (int64), s [M] sorted, A and S [T, M + 1], scale and shift [C] or empty
+// -> (out [R, N] = f(a), a = z or z * scale + shift per channel;
+//     k [R, N] uint8 when keep_buckets and M <= 255, else an empty tensor: the backward pass
+//     then finds the buckets again)
+std::vector<torch::Tensor> tal_forward(torch::Tensor z, torch::Tensor row_task, torch::Tensor s,
+                                       torch::Tensor A, torch::Tensor S, bool keep_buckets,
+                                       torch::Tensor scale, torch::Tensor shift) {
+  check_inputs(z, row_task, s, A);
+  check_affine(z, scale, shift);
+  TORCH_CHECK(S.sizes() == A.sizes() && S.is_contiguous() && S.scalar_type() == z.scalar_type(),
               "S must be shaped and typed like A");
-  const int64_t R = a.size(0), N = a.size(1), M = s.size(0);
-  auto out = torch::empty_like(a);
+  const int64_t R = z.size(0), N = z.size(1), M = s.size(0);
+  auto out = torch::empty_like(z);
   const bool keep = keep_buckets && M <= 255;
-  auto k = torch::empty({keep ? R : 0, N}, a.options().dtype(torch::kUInt8));
+  auto k = torch::empty({keep ? R : 0, N}, z.options().dtype(torch::kUInt8));
   const int64_t* rt = row_task.data_ptr<int64_t>();
   uint8_t* kp = keep ? k.data_ptr<uint8_t>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tal_forward", [&] {
-    const scalar_t* ap = a.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tal_forward", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* Ap = A.data_ptr<scalar_t>();
     const scalar_t* Sp = S.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const BucketFinder<scalar_t> finder(s.data_ptr<scalar_t>(), M);
+    const ChannelAffine<scalar_t> affine(scale, shift, N);
+    const int64_t C = affine.C, P = affine.P;
+    // pieces of rows are channels: piece q is row q / C, channel q % C
     at::parallel_for(0, R * N, 16384, [&](int64_t lo, int64_t hi) {
       int32_t pos[kBlock];
-      for_rows(lo, hi, N, [&](int64_t r, int64_t b, int64_t e) {
+      scalar_t buf[kBlock];
+      for_rows(lo, hi, P, [&](int64_t q, int64_t b, int64_t e) {
+        const int64_t r = q / C;
         const scalar_t* At = Ap + rt[r] * (M + 1);
         const scalar_t* St = Sp + rt[r] * (M + 1);
-        const int64_t base = r * N;
+        const int64_t base = q * P;
         for (int64_t i = b; i < e; i += kBlock) {
           const int64_t n = std::min(kBlock, e - i);
-          const scalar_t* x = ap + base + i;
+          const scalar_t* x = affine.input(zp + base + i, q % C, n, buf);
           finder.find(x, n, pos);
           activation(x, pos, At, St, op + base + i, kp ? kp + base + i : nullptr, n);
         }
@@ -214,60 +258,149 @@ std::vector<torch::Tensor> tal_forward(torch::Tensor a, torch::Tensor row_task, 
   return {out, k};
 }
 
-// g, a [R, N], k [R, N] uint8 or empty, row_task [R], s [M] sorted, A [T, M + 1]
-// -> (grad_a [R, N] (empty if not wanted), sums [2, T, M + 1] float64: sum g, sum g * a per bucket)
-std::vector<torch::Tensor> tal_backward(torch::Tensor g, torch::Tensor a, torch::Tensor k,
+// g, z [R, N], k [R, N] uint8 or empty, row_task [R], s [M] sorted, A [T, M + 1],
+// scale and shift [C] or empty (as in tal_forward)
+// -> (grad_a [R, N] (empty if not wanted), sums [2, T, M + 1] float64: sum g, sum g * a per
+//     bucket; with scale: channel [2, C] float64: sum grad_a, sum grad_a * z per channel)
+std::vector<torch::Tensor> tal_backward(torch::Tensor g, torch::Tensor z, torch::Tensor k,
                                         torch::Tensor row_task, torch::Tensor s, torch::Tensor A,
-                                        bool need_grad_a) {
-  check_inputs(a, row_task, s, A);
-  TORCH_CHECK(g.sizes() == a.sizes() && g.is_contiguous() && g.scalar_type() == a.scalar_type(),
-              "g must be shaped and typed like a");
-  TORCH_CHECK(k.numel() == 0 || (k.sizes() == a.sizes() && k.is_contiguous() && k.scalar_type() == torch::kUInt8),
-              "k must be empty or a contiguous uint8 tensor shaped like a");
-  const int64_t R = a.size(0), N = a.size(1), M = s.size(0);
+                                        bool need_grad_a, torch::Tensor scale, torch::Tensor shift) {
+  check_inputs(z, row_task, s, A);
+  check_affine(z, scale, shift);
+  TORCH_CHECK(g.sizes() == z.sizes() && g.is_contiguous() && g.scalar_type() == z.scalar_type(),
+              "g must be shaped and typed like z");
+  TORCH_CHECK(k.numel() == 0 || (k.sizes() == z.sizes() && k.is_contiguous() && k.scalar_type() == torch::kUInt8),
+              "k must be empty or a contiguous uint8 tensor shaped like z");
+  const bool channels = scale.numel() > 0;
+  TORCH_CHECK(need_grad_a || !channels, "with scale and shift, grad_a is needed");
+  const int64_t R = z.size(0), N = z.size(1), M = s.size(0);
   const int64_t T = A.size(0), K = A.size(1);
   const int64_t total = R * N;
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 65536));
   const int64_t table = T * K * 2;   // one copy of the (sum g, sum g * a) pairs
-  auto partial = torch::zeros({P, kCopies, T, K, 2}, a.options().dtype(torch::kFloat64));
-  auto grad_a = need_grad_a ? torch::empty_like(a) : torch::empty({0}, a.options());
+  const int64_t C = channels ? scale.numel() : 0;
+  auto partial = torch::zeros({P, kCopies, T, K, 2}, z.options().dtype(torch::kFloat64));
+  auto per_channel = torch::zeros({P, 2, C}, z.options().dtype(torch::kFloat64));
+  auto grad_a = need_grad_a ? torch::empty_like(z) : torch::empty({0}, z.options());
   const int64_t* rt = row_task.data_ptr<int64_t>();
   const uint8_t* kp = k.numel() ? k.data_ptr<uint8_t>() : nullptr;
   double* bins = partial.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "tal_backward", [&] {
+  double* chan = per_channel.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "tal_backward", [&] {
     const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
     const scalar_t* Ap = A.data_ptr<scalar_t>();
     scalar_t* gap = need_grad_a ? grad_a.data_ptr<scalar_t>() : nullptr;
     const BucketFinder<scalar_t> finder(s.data_ptr<scalar_t>(), M);
+    const ChannelAffine<scalar_t> affine(scale, shift, N);
+    const int64_t CP = affine.C, Pc = affine.P;
     // A fixed split into P chunks makes the sums independent of thread scheduling.
     at::parallel_for(0, P, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         double* chunk = bins + p * kCopies * table;
-        for_rows(total * p / P, total * (p + 1) / P, N, [&](int64_t r, int64_t b, int64_t e) {
-          const int64_t off = rt[r] * K;
+        double* chunk_chan = chan + p * 2 * C;
+        for_rows(total * p / P, total * (p + 1) / P, Pc, [&](int64_t q, int64_t b, int64_t e) {
+          const int64_t off = rt[q / CP] * K;
           const scalar_t* At = Ap + off;
-          const int64_t base = r * N;
+          const int64_t base = q * Pc;
           int32_t pos[kBlock];
+          scalar_t buf[kBlock];
+          double sum_ga = 0, sum_gaz = 0;
           for (int64_t i = base + b; i < base + e; i += kBlock) {
             const int64_t n = std::min(kBlock, base + e - i);
+            const scalar_t* x = affine.input(zp + i, q % CP, n, buf);
             if (kp)
               for (int64_t j = 0; j < n; ++j) pos[j] = kp[i + j];
             else
-              finder.find(ap + i, n, pos);
-            bucket_sums(gp + i, ap + i, pos, chunk + 2 * off, table, n);
+              finder.find(x, n, pos);
+            bucket_sums(gp + i, x, pos, chunk + 2 * off, table, n);
             if (gap)
-              slope_times_grad(gp + i, ap + i, pos, At, gap + i, n);
+              slope_times_grad(gp + i, x, pos, At, gap + i, n);
+            if (channels)
+              for (int64_t j = 0; j < n; ++j) {
+                sum_ga += static_cast<double>(gap[i + j]);
+                sum_gaz += static_cast<double>(gap[i + j]) * static_cast<double>(zp[i + j]);
+              }
+          }
+          if (channels) {
+            chunk_chan[q % CP] += sum_ga;
+            chunk_chan[C + q % CP] += sum_gaz;
           }
         });
       }
     });
   });
   auto sums = partial.sum({0, 1}).permute({2, 0, 1}).contiguous();   // [2, T, K]
-  return {grad_a, sums};
+  return {grad_a, sums, per_channel.sum(0)};
+}
+
+// z [R, C * P] (channel c the c-th of C pieces of a row) -> (mean [C], biased variance [C])
+// in float64, by two passes: the mean, then the mean squared deviation from it.
+std::vector<torch::Tensor> channel_stats(torch::Tensor z, int64_t C) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && C > 0 && z.size(1) % C == 0,
+              "z must be a contiguous [R, C * P] tensor");
+  const int64_t R = z.size(0), P = z.size(1) / C;
+  auto seg = torch::empty({R, C}, z.options().dtype(torch::kFloat64));   // one sum per (row, channel)
+  double* sp = seg.data_ptr<double>();
+  auto per_piece = [&](auto&& fn) {
+    at::parallel_for(0, R * C, std::max<int64_t>(1, 65536 / std::max<int64_t>(P, 1)),
+                     [&](int64_t lo, int64_t hi) {
+                       for (int64_t q = lo; q < hi; ++q) sp[q] = fn(q);
+                     });
+  };
+  torch::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "channel_stats", [&] {
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    per_piece([&](int64_t q) {
+      double sum = 0;
+      for (int64_t j = 0; j < P; ++j) sum += static_cast<double>(zp[q * P + j]);
+      return sum;
+    });
+    mean = seg.sum(0) / static_cast<double>(R * P);
+    const double* mp = mean.data_ptr<double>();
+    per_piece([&](int64_t q) {
+      const double m = mp[q % C];
+      double sum = 0;
+      for (int64_t j = 0; j < P; ++j) {
+        const double d = static_cast<double>(zp[q * P + j]) - m;
+        sum += d * d;
+      }
+      return sum;
+    });
+    var = seg.sum(0) / static_cast<double>(R * P);
+  });
+  return {mean, var};
+}
+
+// x = x * c1[c] + z * c2[c] + c3[c] in place, x and z [R, C * P] (channel c the c-th of C
+// pieces of a row): the last step of batch norm's backward pass.
+void channel_affine_(torch::Tensor x, torch::Tensor z, torch::Tensor c1, torch::Tensor c2, torch::Tensor c3) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && z.sizes() == x.sizes() && z.is_contiguous() &&
+              z.scalar_type() == x.scalar_type(), "x and z must be contiguous [R, N] tensors of one dtype");
+  const int64_t C = c1.numel(), R = x.size(0), N = x.size(1);
+  TORCH_CHECK(C > 0 && N % C == 0 && c2.numel() == C && c3.numel() == C, "c1, c2, c3 must have C values, C dividing N");
+  const int64_t P = N / C;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_affine_", [&] {
+    auto a1 = c1.to(x.scalar_type()).contiguous(), a2 = c2.to(x.scalar_type()).contiguous(),
+         a3 = c3.to(x.scalar_type()).contiguous();
+    const scalar_t *p1 = a1.data_ptr<scalar_t>(), *p2 = a2.data_ptr<scalar_t>(), *p3 = a3.data_ptr<scalar_t>();
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* zp = z.data_ptr<scalar_t>();
+    at::parallel_for(0, R * N, 16384, [&](int64_t lo, int64_t hi) {
+      for_rows(lo, hi, P, [&](int64_t q, int64_t b, int64_t e) {
+        const int64_t c = q % C;
+        const scalar_t u = p1[c], v = p2[c], w = p3[c];
+        scalar_t* __restrict__ xr = xp + q * P;
+        const scalar_t* __restrict__ zr = zp + q * P;
+        for (int64_t j = b; j < e; ++j) xr[j] = xr[j] * u + zr[j] * v + w;
+      });
+    });
+  });
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &tal_forward, "TAL activation forward (CPU)");
-  m.def("backward", &tal_backward, "TAL activation backward sums (CPU)");
+  m.def("forward", &tal_forward, "TAL activation forward (CPU), batch norm optionally folded in");
+  m.def("backward", &tal_backward, "TAL activation backward sums (CPU), batch norm optionally folded in");
+  m.def("channel_affine_", &channel_affine_, "x = x * c1 + z * c2 + c3 per channel, in place (CPU)");
+  m.def("channel_stats", &channel_stats, "per-channel mean and biased variance, float64 (CPU)");
 }
