@@ -10,11 +10,11 @@ the shape of Ignite's cifar10 example:
         model, optimizer = experiment.initialize(data, device)
         trainer = create_trainer(...)             one optimisation step per batch
         evaluator = create_evaluator(...)         the experiment's metrics
-        setup_run(...)                            progress, early stopping, best-model and
+        ...                                       progress, early stopping, best-model and
                                                   training-state checkpoints (atomic), the
-                                                  config file, resume with its checks
+                                                  config file, resume_from with its checks
         trainer.run(...)                          unless the run is already done
-        return experiment.finish(run)             test the best model, write result files
+        experiment.finish(run)                    test the best model, write result files
 
 One training step minimises
 
