@@ -6,7 +6,7 @@
 For every lambda (default 0.1 0.2 0.3 0.4) the TAAN network of `Omniglot/TAAN.py` is
 trained --repeats times (default 5; basis 32, lr 1e-5, 5 images per alphabet per
 iteration, test every 100 iterations, stop after 100 evaluations without gain or 15000
-iterations; see `Omniglot/train.py`) and the best test accuracy of each run is appended to
+iterations; see `Omniglot/train.py`) and the best test accuracy of each run is written to
 RESULTS_DIR/Results-TAAN-Omniglot-<reg>.txt (default results/omniglot under the project's
 home folder, see README) in the original's format:
 
@@ -15,25 +15,46 @@ home folder, see README) in the original's format:
 
 'none' (no regulariser) is run once, under lambda = 0, as in the original's file. Repeat j
 (counting from 0) uses seed --seed + j for every lambda, so the lambdas are compared on the
-same initialisations and batches. With --save_models DIR every run keeps its best model,
-training state and result in DIR/<reg>/TAAN-Lambda-<lambda>-<j+1>/ (for
-`visualization_full.py`), and --resume continues an interrupted sweep there: finished runs
-are skipped (their lines are in the results file already), an interrupted run continues
-from its last evaluation, and the lambda's header is not written twice. Without --resume
-a sweep is new: its lines are appended after whatever the results file holds (as the
-original did), and the run folders' markers of an earlier sweep are cleared first.
+same initialisations and batches. The runs are trained --runs_at_once at a time in one
+batched network (`Omniglot.sweep`; default: all on CUDA, one at a time on the CPU), each
+exactly as `train.py` would train it alone.
+
+A sweep adds its block after whatever the results file held when it started (as the
+original did). The file is written whole from the sweep's records (the runs finished so
+far), never line by line, so no line is written twice. With --save_models DIR the sweep
+keeps its records in DIR/<reg>/sweep.json and its training state in
+DIR/<reg>/training_state.pt, and every run its best model, config and result in
+DIR/<reg>/TAAN-Lambda-<lambda>-<j+1>/ (for `visualization_full.py`); --resume then
+continues an interrupted sweep: finished runs are kept, the runs in training continue from
+the last saved state, and the file ends as an uninterrupted sweep would leave it.
 """
+import json
 import os
 from types import SimpleNamespace
 
 import numpy as np
 
+from Layers.TAL_pytorch import layer_regularizer
 from Omniglot import results
-from Omniglot.train import STATE_NAME, add_training_arguments, check_args, load_data, train
-from Training import ArgumentParser, atomic_write_json, default_path, entry_point, resolve_device
+from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, train_runs
+from Omniglot.TAAN import build_model
+from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
+                            load_data)
+from Training import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json, atomic_write_text,
+                      count_parameters, default_path, entry_point, resolve_device)
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
-RECORDED = "recorded.json"   # in a run folder: its line is in the results file
+SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<reg>/
+
+
+def add_sweep_arguments(p):
+    """How many runs train at once, and how often their state is saved (also Omniglot.reproduce's)."""
+    p.add_argument("--runs_at_once", type=int, default=None,
+                   help="runs trained at once in one batched network (default: all on CUDA, as many as fit; "
+                        "1 on the CPU)")
+    p.add_argument("--save_every", type=float, default=300.0,
+                   help="seconds between saves of the training state, for resuming (default 300; "
+                        "0: after every evaluation)")
 
 
 def build_parser():
@@ -49,10 +70,11 @@ def build_parser():
     p.add_argument("--results_dir", default=default_path("results", "omniglot"),
                    help="folder of the Results-TAAN-Omniglot-<reg>.txt files (default %(default)s)")
     p.add_argument("--save_models", default="", metavar="DIR",
-                   help="keep every run's best model, training state and result under DIR/<reg>/")
+                   help="keep the sweep's records and state, and every run's best model, under DIR/<reg>/")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep from the run folders in --save_models")
+                   help="continue an interrupted sweep from its records and state in --save_models")
     p.add_argument("--gpu", default=None, help="GPU id (original flag): cuda:GPU when CUDA is available")
+    add_sweep_arguments(p)
     add_training_arguments(p, outputs=False)
     return p
 
@@ -65,10 +87,12 @@ def parse_args(argv=None):
     check_args(parser, args)
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    if args.runs_at_once is not None and args.runs_at_once < 1:
+        parser.error(f"--runs_at_once must be >= 1, got {args.runs_at_once}")
     if args.lambdas is not None and any(lam < 0 for lam in args.lambdas):
         parser.error(f"--lambdas must be >= 0, got {args.lambdas}")
     if args.resume and not args.save_models:
-        parser.error("--resume needs --save_models DIR (the run folders to continue from)")
+        parser.error("--resume needs --save_models DIR (the sweep's records to continue from)")
     return args
 
 
@@ -77,7 +101,14 @@ def sweep_lambdas(args):
         if args.lambdas is not None and any(lam != 0 for lam in args.lambdas):
             print(f"Note: --lambdas {args.lambdas} ignored: 'none' has no regulariser and runs under lambda 0.")
         return [0.0]
-    return list(DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas)
+    return list(dict.fromkeys(DEFAULT_LAMBDAS if args.lambdas is None else args.lambdas))
+
+
+def sweep_specs(args):
+    """The runs of the sweep, lambda by lambda: repeat j with seed --seed + j."""
+    layer = layer_regularizer(args.regularize, args.original_variant)
+    return [RunSpec(args.regularize, lam, j, args.seed + j, layer)
+            for lam in sweep_lambdas(args) for j in range(args.repeats)]
 
 
 def run_folder(save_models, reg, lam, j):
@@ -87,10 +118,28 @@ def run_folder(save_models, reg, lam, j):
 def run_settings(args, lam, j, saveto):
     """The train.py settings of repeat j at lambda lam."""
     settings = {k: v for k, v in vars(args).items()
-                if k not in ("VMTL", "lambdas", "repeats", "results_dir", "save_models", "resume", "gpu")}
-    settings.update(model="taan", lam=lam, seed=args.seed + j, saveto=saveto,
-                    resume="auto" if (args.resume and saveto) else "")
+                if k not in ("VMTL", "lambdas", "repeats", "results_dir", "save_models", "resume", "gpu",
+                             "runs_at_once", "save_every")}
+    settings.update(model="taan", lam=lam, seed=args.seed + j, saveto=saveto, resume="")
     return SimpleNamespace(**settings)
+
+
+def sweep_settings(args):
+    """What every run of the sweep shares; a resumed sweep must have the same."""
+    return dict({name: getattr(args, name) for name in RUN_SETTINGS}, data_root=os.path.abspath(args.data_root),
+                split_seed=args.split_seed, alphabets=args.alphabets, original_variant=args.original_variant)
+
+
+def render(prefix, specs, records):
+    """The results file: what it held before the sweep, then the sweep's lambdas in order,
+    each with the lines of its recorded runs."""
+    blocks = []
+    for lam in dict.fromkeys(spec.lam for spec in specs):
+        lines = [(spec.repeat + 1, records[spec.key]["best_acc"]) for spec in specs
+                 if spec.lam == lam and spec.key in records]
+        if lines:
+            blocks.append((lam, lines))
+    return prefix + results.render_results(blocks)
 
 
 def summary_lines(reg, accs_by_lambda):
@@ -107,63 +156,87 @@ def summary_lines(reg, accs_by_lambda):
     return lines
 
 
-def forget_runs(args):
-    """A new (not resumed) sweep: remove the 'recorded' marker and the training state of its
-    run folders, left by an earlier sweep, so that a later --resume never takes them for
-    runs of this sweep. Best models and results stay until the new runs replace them."""
-    for lam in sweep_lambdas(args):
-        for j in range(args.repeats):
-            for name in (RECORDED, STATE_NAME):
-                path = os.path.join(run_folder(args.save_models, args.regularize, lam, j), name)
-                if os.path.isfile(path):
-                    os.remove(path)
+def open_sweep(args, path, sweep_file, settings):
+    """The sweep's {'prefix', 'settings', 'records'}: continued from sweep_file with --resume,
+    else new (the results file's present content is the prefix)."""
+    if args.resume and sweep_file and os.path.isfile(sweep_file):
+        with open(sweep_file) as f:
+            sweep = json.load(f)
+        differ = [f"{k}: {sweep['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
+                  if sweep["settings"].get(k) != v]
+        if differ:
+            raise UserError(f"{sweep_file} was written by a sweep with other settings ({'; '.join(differ)}): resume "
+                            "with the same settings, or start afresh without --resume")
+        return sweep
+    prefix = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            prefix = f.read()
+    return {"prefix": prefix + ("\n" if prefix and not prefix.endswith("\n") else ""), "settings": settings,
+            "records": {}}
 
 
-def _last_line(path):
-    """The last non-empty line of a text file ('' when it is absent or empty)."""
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as f:
-        lines = [line.rstrip("\n") for line in f if line.strip()]
-    return lines[-1] if lines else ""
-
-
-def run_sweep(args, data=None, device=None, log=print):
+def run_sweep(args, data=None, device=None, log=print, setup_hook=None):
     """The sweep of one regulariser with parsed `args` (see build_parser). `data` = (train,
-    test) OmniglotData to reuse, else loaded from args.data_root; `log` receives the
-    per-evaluation lines of every run. Returns {lambda: [best accuracy of each run made now]}."""
+    test) OmniglotData to reuse, else loaded from args.data_root; `log` receives one line per
+    evaluation round; `setup_hook(trainer)` may add handlers to each group's engine (tests).
+    Returns {lambda: [best accuracy of each run finished now]}."""
     device = device or resolve_device(args.device, args.gpu)
     reg = args.regularize
     path = results.results_path(args.results_dir, reg)
-    data = data or load_data(args.data_root, device, args.split_seed)
-    print(f"Omniglot sweep: regulariser {reg}, {data[0].num_tasks} alphabets, "
-          f"{len(data[0])} train / {len(data[1])} test images, device {device}; results -> {path}")
-    if args.save_models and not args.resume:
-        forget_runs(args)
+    data = data or load_data(args.data_root, device, args.split_seed, args.alphabets)
+    specs = sweep_specs(args)
+    folder = os.path.join(args.save_models, reg) if args.save_models else None
+    sweep_file = os.path.join(folder, SWEEP_NAME) if folder else None
+    state_path = os.path.join(folder, STATE_NAME) if folder else None
+    sweep = open_sweep(args, path, sweep_file, sweep_settings(args))
+    records = sweep["records"]
+    if folder and not args.resume:
+        if os.path.isfile(state_path):
+            os.remove(state_path)          # an earlier sweep's runs in training
+        atomic_write_json(sweep_file, sweep)
+    before = set(records)
+    train_data, test_data = data
+    at_once = args.runs_at_once or default_runs_at_once(device, len(specs), args.batch * train_data.num_tasks)
+    print(f"Omniglot sweep: regulariser {reg}, {train_data.num_tasks} alphabets, {len(train_data)} train / "
+          f"{len(test_data)} test images, device {device}, {at_once} run(s) at once; results -> {path}")
+    if records:
+        atomic_write_text(path, render(sweep["prefix"], specs, records))
+        print(f"{len(records)} of {len(specs)} runs already recorded in {path}")
+    parameters = count_parameters(build_model("taan", train_data.num_classes, basis=args.basis))
+    if folder:
+        for spec in specs:      # train.py's config file: what visualization_full.py rebuilds a run from
+            config = {k: v for k, v in vars(run_settings(args, spec.lam, spec.repeat, "")).items()
+                      if k not in ("saveto", "resume", "progress", "debug")}
+            config.update(data_root=os.path.abspath(args.data_root), layer_regularize=spec.layer_regularize,
+                          num_classes=train_data.num_classes, tasks=train_data.tasks)
+            atomic_write_json(os.path.join(run_folder(args.save_models, reg, spec.lam, spec.repeat), CONFIG_NAME),
+                              config)
+
+    def on_best(spec, state):
+        if folder:
+            atomic_torch_save(state(), os.path.join(run_folder(args.save_models, reg, spec.lam, spec.repeat),
+                                                    BEST_NAME))
+
+    def on_record(spec, record, state):
+        records[spec.key] = record
+        if sweep_file:
+            atomic_write_json(sweep_file, sweep)
+        atomic_write_text(path, render(sweep["prefix"], specs, records))
+        if folder:
+            result = {k: record[k] for k in ("best_acc", "iterations", "evaluations", "stopped_early", "history")}
+            atomic_write_json(os.path.join(run_folder(args.save_models, reg, spec.lam, spec.repeat), RESULT_NAME),
+                              dict(result, parameters=parameters))
+        print(f"{reg}, lambda {spec.lam}, run {spec.repeat + 1}/{args.repeats} (seed {spec.seed}): Experiment "
+              f"{spec.repeat + 1}, ACC: {record['best_acc']:.4f} ({record['iterations']} iterations)")
+
+    train_runs(specs, args, data, device, at_once, records, on_record, state_path, args.save_every,
+               on_round=Progress(specs, records, args.num_iter, at_once, log), on_best=on_best,
+               setup_hook=setup_hook, log=print)
     new = {}
-    for lam in sweep_lambdas(args):
-        folders = [run_folder(args.save_models, reg, lam, j) if args.save_models else ""
-                   for j in range(args.repeats)]
-        recorded = [bool(f) and os.path.isfile(os.path.join(f, RECORDED)) for f in folders]
-        if args.resume and all(recorded):
-            print(f"lambda {lam}: all {args.repeats} runs already recorded in {path}")
-            continue
-        # a resumed sweep continues the block of this lambda: no second header when some run
-        # is recorded, or when the sweep was interrupted right after writing the header
-        if not (args.resume and (any(recorded) or _last_line(path) == results.format_header(lam).strip())):
-            results.append_header(path, lam)
-        for j, folder in enumerate(folders):
-            if args.resume and recorded[j]:
-                continue
-            print(f"--- {reg}, lambda {lam}, run {j + 1}/{args.repeats} (seed {args.seed + j})")
-            out = train(run_settings(args, lam, j, folder), data=data, device=device, log=log)
-            results.append_experiment(path, j + 1, out["best_acc"])
-            if folder:
-                atomic_write_json(os.path.join(folder, RECORDED),
-                                  {"results_file": os.path.abspath(path), "lambda": lam, "experiment": j + 1,
-                                   "accuracy": out["best_acc"]})
-            new.setdefault(lam, []).append(out["best_acc"])
-            print(f"Experiment {j + 1}, ACC: {out['best_acc']:.4f} ({out['iterations']} iterations)")
+    for spec in specs:
+        if spec.key not in before:
+            new.setdefault(spec.lam, []).append(records[spec.key]["best_acc"])
     return new
 
 
@@ -172,7 +245,7 @@ def main(argv=None):
     new = run_sweep(args)
     if new:
         path = results.results_path(args.results_dir, args.regularize)
-        print(f"Best test accuracy of the runs made now (appended to {path}):")
+        print(f"Best test accuracy of the runs made now (in {path}):")
         print("\n".join(summary_lines(args.regularize, new)))
     return new
 

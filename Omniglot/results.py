@@ -8,7 +8,10 @@ one line per repeated run with its best test accuracy (a fraction):
     Experiment 2, ACC: 0.8582.
 
 A sweep appends to the file, so a re-run adds its lines after what is there; the parser
-gathers all accuracies found under the same lambda. The original named its files after
+gathers all accuracies found under the same lambda. The sweeps write the file whole from
+their records (`render_results`), never line by line, so a killed sweep never writes a
+line twice. Lines starting with '#' are comments (`Omniglot.reproduce` says there which
+formulas and protocol made the numbers); the parser skips them. The original named its files after
 NoVMTL / LowRank / Euclidean / Cosine; `load_results_dir` reads those names too and maps
 them to none / tracenorm / distance / cosine.
 """
@@ -67,6 +70,15 @@ def format_experiment(index, acc):
     return "Experiment {:d}, ACC: {:.4f}.\n".format(index, acc)
 
 
+def render_results(blocks, comments=()):
+    """The text of a result file: '# comment' lines, then for every (lambda, [(experiment
+    index, accuracy)]) in `blocks` its header and its lines."""
+    text = "".join(f"# {line}\n" for line in comments)
+    for lam, experiments in blocks:
+        text += format_header(lam) + "".join(format_experiment(index, acc) for index, acc in experiments)
+    return text
+
+
 def append_header(path, lam):
     """Start the block of one lambda ("---------------Lambda = 0.100000.---------------")."""
     atomic_append_text(path, format_header(lam))
@@ -85,7 +97,7 @@ def parse_results(path):
     with open(path) as f:
         for number, line in enumerate(f, 1):
             line = line.strip()
-            if not line:
+            if not line or line.startswith("#"):
                 continue
             header, experiment = _HEADER.match(line), _EXPERIMENT.match(line)
             if header:

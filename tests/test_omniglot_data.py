@@ -267,6 +267,26 @@ def test_sampler_bad_arguments(data_root):
         OmniglotData(data_root, "valid")
 
 
+def test_first_alphabets_only_and_samplers_of_their_own(data_root):
+    full, two = OmniglotData(data_root, "train"), OmniglotData(data_root, "train", alphabets=2)
+    assert two.tasks == full.tasks[:2] and two.num_classes == full.num_classes[:2] and two.sizes == full.sizes[:2]
+    assert torch.equal(two.images, full.images[:len(two)]) and torch.equal(two.labels, full.labels[:len(two)])
+    with pytest.raises(UserError, match=r"--alphabets must be in 1\.\.3"):
+        OmniglotData(data_root, "train", alphabets=4)
+    # two runs drawing from one data set in turns get the batches each gets alone
+    passes, generators = [full.new_passes(), full.new_passes()], [torch.Generator().manual_seed(s) for s in (1, 2)]
+    assert 30 <= min(full.sizes) and max(full.sizes) < 90      # batch 30: a new pass at least every 2 draws
+    for _ in range(4):
+        both = [full.sample_all(30, g, p)[0] for g, p in zip(generators, passes)]
+    solo = []
+    for seed in (1, 2):
+        data, g = OmniglotData(data_root, "train"), torch.Generator().manual_seed(seed)
+        for _ in range(4):
+            x = data.sample_all(30, g)[0]
+        solo.append(x)
+    assert all(torch.equal(a, b) for a, b in zip(both, solo)) and not torch.equal(solo[0], solo[1])
+
+
 def test_alphabet_without_test_images(tmp_path):
     root = str(tmp_path)
     _make_tree(root, {("images_background", "A"): {"character01": 1},

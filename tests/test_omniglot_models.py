@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from Omniglot import Evaluation_TAAN, results, run_builtin, synthetic, train as trainer, visualization_full
+from Omniglot import run_builtin, synthetic, train as trainer, visualization_full
 from Omniglot.dataTools import read_split_lists
 from Omniglot.TAAN import (HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN, build_model, multitask_loss,
                            split_by_task)
@@ -330,41 +330,6 @@ def test_resume_reproduces_the_uninterrupted_run(root, data, tmp_path):
 
 
 # ------------------------------------------------------------------------------- sweep
-
-def test_sweep_writes_the_original_format_and_resume_never_appends_twice(root, tmp_path):
-    out, models = str(tmp_path / "res"), str(tmp_path / "models")
-    argv = ["--regularize", "distance", "--lambdas", "0.1", "0.2", "--repeats", "2", "--num_iter", "2",
-            "--test_interval", "1", "--results_dir", out, "--save_models", models, "--data_root", root,
-            "--basis", "4", "--lr", "1e-3", "--batch", "2", "--device", "cpu", "--progress", "false"]
-    made = Evaluation_TAAN.main(argv)
-    path = results.results_path(out, "distance")
-    text = open(path).read()
-    lines = text.splitlines()
-    assert lines[0] == "---------------Lambda = 0.100000.---------------"
-    assert lines[3] == "---------------Lambda = 0.200000.---------------"
-    for line in lines[1:3] + lines[4:6]:
-        assert re.fullmatch(r"Experiment [12], ACC: [01]\.\d{4}\.", line), line
-    assert len(lines) == 6
-    # round trip through the parser: the accuracies of the runs, rounded as written
-    assert results.parse_results(path) == {lam: [round(a, 4) for a in accs] for lam, accs in made.items()}
-    # the same seed for run j at every lambda; every run folder holds a best model
-    assert sorted(os.listdir(os.path.join(models, "distance"))) == [
-        f"TAAN-Lambda-{lam}-{j}" for lam in ("0.10", "0.20") for j in (1, 2)]
-    # --resume after a finished sweep: nothing runs, nothing is appended
-    assert Evaluation_TAAN.main(argv + ["--resume"]) == {}
-    assert open(path).read() == text
-    # interrupted after the 0.2 header: its runs are redone, the header is not written again
-    with open(path, "w") as f:
-        f.write("\n".join(lines[:4]) + "\n")
-    for j in (1, 2):
-        os.remove(os.path.join(models, "distance", f"TAAN-Lambda-0.20-{j}", Evaluation_TAAN.RECORDED))
-    again = Evaluation_TAAN.main(argv + ["--resume"])
-    assert list(again) == [0.2] and len(again[0.2]) == 2
-    assert open(path).read() == text
-    # a new sweep (no --resume) appends a second block, as the original did
-    Evaluation_TAAN.main(argv[:2] + ["--lambdas", "0.1", "--repeats", "1"] + argv[7:])
-    assert open(path).read() == text + "\n".join(lines[:2]) + "\n"
-
 
 def test_run_builtin_fresh_and_resume(tmp_path):
     argv = ["--data_root", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--alphabets", "2",

@@ -1,0 +1,265 @@
+"""R Omniglot TAAN networks in one module, so that R runs train at once.
+
+Every run r is the network of `Omniglot.TAAN.TAAN` with its own parameters; the stack keeps
+them as slice r of shared tensors, with the runs as the leading dimension:
+
+    conv l:  weight [R, C_out, C_in, 3, 3], bias [R, C_out], bn.{weight, bias, running_mean,
+             running_var} [R, C_out], bn.num_batches_tracked [R], alpha [R, T, M], basis [R, 1, M]
+    fc:      weight [R, 512, 1024], bias [R, 512], alpha [R, T, M], basis [R, 1, M]
+    heads:   weight [R, T, C_max, 512], bias [R, T, C_max]   (task t's head in rows :C_t;
+             the rows past C_t stay 0: their logits are masked, so their gradient is 0)
+
+and computes all runs in one pass:
+
+    convolutions: one grouped convolution (groups = R; run r's images in channel group r),
+                  or, for a batch shared by all runs (evaluation), one plain convolution with
+                  R * C_out filters;
+    batch norm:   per channel of the grouped tensor, so run r's statistics are those of its
+                  own images only;
+    activation:   run r's alpha and basis on its own rows (see `stacked_tal`);
+    fc, heads:    batched matrix products over the runs (and the tasks, for the heads).
+
+A run differs from the others only in its parameters, its regulariser and its weight
+lambda_r: the loss of the stack is sum_r (loss_r + lambda_r R_r), so the gradient of run r's
+parameters is exactly that of run r alone, and Adam (elementwise) updates every run as its
+own optimizer would. `keep(slots, optimizer)` drops the runs that finished, in place (the
+parameter objects stay, so the optimizer and the engines keep working).
+
+`run_state_dict(r)` is run r's network as a `TAAN` state_dict (the format of `train.py`'s
+files); `TAANStack.from_models(models, lams)` stacks given TAAN networks.
+"""
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import vmap
+
+from Layers._tal_kernel import tal_activation
+from Layers._tasks import rows_by_task
+from Layers.TAL_pytorch import TAL_Linear
+from Omniglot.TAAN import CHANNELS, FLAT, HIDDEN, TAAN, HeadsAtFactorLR, check_task_ids
+
+BATCHINGS = ("loop", "union")
+
+
+def stacked_tal(a, alpha, basis, task_ids, runs_first, batching):
+    """The TAL activation of R runs at once.
+
+    a: [B, R, ...] (runs_first False: the grouped-convolution layout) or [R, B, ...]; row b
+    of run r uses task task_ids[b] of run r's alpha [R, T, M] and basis [R, 1, M].
+
+    'loop' (the default) calls the kernel once per run, with M basis points, which the fused
+    kernels (C++ on the CPU, Triton on CUDA) handle fastest. 'union' calls it once: the R
+    bases together are one basis of R * M points, and task t of run r is task r * T + t with
+    run r's alpha on its own points and 0 on the others' (alpha_u = block-diagonal
+    [R * T, R * M]). A point with alpha 0 adds exactly 0 to the activation and to the suffix
+    sums, so the forward pass is the same to the last bit, and the backward sums the same
+    terms in another order; but each element's work grows with R * M, and above 1023 points
+    the Triton kernel hands over to the PyTorch path. It saves kernel calls: what a basis
+    per task id ([T, M]) in the kernel would give without the cost. benchmarks/omniglot_sweep.py
+    measures both."""
+    R, T, M = alpha.shape
+    B = a.shape[1] if runs_first else a.shape[0]
+    if R == 1:
+        return tal_activation(a.reshape(B, -1), alpha[0], basis[0], task_ids).view_as(a)
+    if batching == "union":
+        offsets = torch.arange(R, device=a.device) * T
+        rows = offsets[:, None] + task_ids[None, :] if runs_first else task_ids[:, None] + offsets[None, :]
+        eye = torch.eye(R, dtype=alpha.dtype, device=alpha.device)
+        alpha_u = (alpha[:, :, None, :] * eye[:, None, :, None]).reshape(R * T, R * M)
+        out = tal_activation(a.reshape(R * B, -1), alpha_u, basis.reshape(1, R * M), rows.reshape(-1))
+        return out.view_as(a)
+    per_run = a.reshape(R, B, -1) if runs_first else a.reshape(B, R, -1)
+    outs = [tal_activation(per_run[r] if runs_first else per_run[:, r], alpha[r], basis[r], task_ids)
+            for r in range(R)]
+    return torch.stack(outs, 0 if runs_first else 1).view_as(a)
+
+
+def _regularizer_value(kind, alpha, basis, c0):
+    """The TAL layers' own regulariser formula (regularization(1)) on one alpha [T, M], basis [1, M]."""
+    return TAL_Linear.regularization(SimpleNamespace(_reg=kind, alpha=alpha, basis=basis, c0=c0), 1.0)
+
+
+class _BatchNorm(nn.Module):
+    """Batch-norm parameters and running statistics of R runs ([R, C] each)."""
+
+    def __init__(self, R, C):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(R, C))
+        self.bias = nn.Parameter(torch.zeros(R, C))
+        self.register_buffer("running_mean", torch.zeros(R, C))
+        self.register_buffer("running_var", torch.ones(R, C))
+        self.register_buffer("num_batches_tracked", torch.zeros(R, dtype=torch.long))
+
+    def forward(self, x):
+        """x [B, R * C, H, W] (run r in channel group r) -> the same, normalised per run and channel."""
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean.view(-1), self.running_var.view(-1), self.weight.view(-1),
+                            self.bias.view(-1), self.training, 0.1, 1e-5)
+
+
+class _StackedTAL(nn.Module):
+    """The shared map of R runs' TAL layers (weight, bias, optional batch norm) and their
+    task activations (alpha [R, T, M], basis [R, 1, M])."""
+
+    def __init__(self, R, weight_shape, tasks, basis, bn):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(R, *weight_shape))
+        self.bias = nn.Parameter(torch.zeros(R, weight_shape[0]))
+        self.alpha = nn.Parameter(torch.zeros(R, tasks, basis))
+        self.basis = nn.Parameter(torch.zeros(R, 1, basis))
+        if bn:
+            self.bn = _BatchNorm(R, weight_shape[0])
+
+
+class TAANStack(HeadsAtFactorLR, nn.Module):
+    """R TAAN networks of the same shape (see the module docstring).
+
+    forward(x, task_ids): x [R, B, 1, H, W] (every run its own images) or [B, 1, H, W] (one
+    batch for all runs); task_ids [B], the same for every run. Returns the logits
+    [R, B, C_max] of each row's own task, -inf past that task's C_t classes.
+    """
+
+    def __init__(self, runs, num_classes, basis, lams, regularizers, c0, batching="loop"):
+        super().__init__()
+        if not len(lams) == len(regularizers) == runs >= 1:
+            raise ValueError(f"need one lambda and one regulariser per run: {runs} runs, {len(lams)} lambdas, "
+                             f"{len(regularizers)} regularisers")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
+        self.num_classes = [int(c) for c in num_classes]
+        self.num_tasks = T = len(self.num_classes)
+        self.lams, self.regularizers, self.c0, self.batching = list(lams), list(regularizers), c0, batching
+        self.convs = nn.ModuleList(_StackedTAL(runs, (cout, cin, 3, 3), T, basis, bn=True)
+                                   for cin, cout in zip(CHANNELS[:-1], CHANNELS[1:]))
+        self.fc = _StackedTAL(runs, (HIDDEN, FLAT), T, basis, bn=False)
+        self.heads = nn.Module()
+        self.heads.weight = nn.Parameter(torch.zeros(runs, T, max(self.num_classes), HIDDEN))
+        self.heads.bias = nn.Parameter(torch.zeros(runs, T, max(self.num_classes)))
+
+    @classmethod
+    def from_models(cls, models, lams, batching="loop"):
+        """Stack TAAN networks (parameters and statistics copied); lams: each run's lambda."""
+        first = models[0]
+        if not all(isinstance(m, TAAN) and m.num_classes == first.num_classes for m in models):
+            raise ValueError("all runs must be TAAN networks of the same alphabets")
+        layer = first.convs[0]
+        stack = cls(len(models), first.num_classes, layer.alpha.shape[1], lams,
+                    [m.convs[0].regularize for m in models], layer.c0, batching)
+        stack.to(device=layer.weight.device, dtype=layer.weight.dtype)
+        for r, model in enumerate(models):
+            stack.load_run(r, model.state_dict())
+        return stack
+
+    @property
+    def runs(self):
+        return self.heads.weight.shape[0]
+
+    # ------------------------------------------------------------------ one run as a TAAN
+    def _run_tensors(self, r):
+        """(TAAN state_dict key, the stack's view of run r's tensor) for every entry."""
+        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+            if not name.startswith("heads."):
+                yield name, tensor[r]
+        for t, c in enumerate(self.num_classes):
+            yield f"heads.{t}.weight", self.heads.weight[r, t, :c]
+            yield f"heads.{t}.bias", self.heads.bias[r, t, :c]
+
+    def run_state_dict(self, r):
+        """Run r's network as a TAAN state_dict (copies)."""
+        return {key: view.detach().clone() for key, view in self._run_tensors(r)}
+
+    @torch.no_grad()
+    def load_run(self, r, state):
+        """Put a TAAN state_dict into run r's slice."""
+        for key, view in self._run_tensors(r):
+            view.copy_(state[key])
+
+    @torch.no_grad()
+    def keep(self, slots, optimizer=None):
+        """Keep only the runs in `slots` (in that order), in place, with their Adam state."""
+        index = torch.as_tensor(slots, dtype=torch.long, device=self.heads.weight.device)
+        for tensor in list(self.parameters()) + list(self.buffers()):
+            state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() and value.shape[0] == tensor.shape[0]:
+                    state[key] = value.index_select(0, index)
+            tensor.data = tensor.data.index_select(0, index)
+            tensor.grad = None
+        self.lams = [self.lams[s] for s in slots]
+        self.regularizers = [self.regularizers[s] for s in slots]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, task_ids):
+        R, T = self.runs, self.num_tasks
+        check_task_ids(task_ids, T)
+        shared = x.dim() == 4
+        B = x.shape[0] if shared else x.shape[1]
+        if task_ids.numel() != B or (not shared and x.shape[0] != R):
+            raise ValueError(f"expected x [R={R}, B, 1, H, W] or [B, 1, H, W] with one task id per image, got x "
+                             f"{tuple(x.shape)} and {task_ids.numel()} task ids")
+        # one batch for all runs: a plain convolution with every run's filters; else run r's
+        # images are input channel r of a grouped convolution
+        h = x if shared else x.transpose(0, 1).reshape(B, R, *x.shape[3:])
+        for layer in self.convs:
+            w = layer.weight
+            a = F.conv2d(h, w.reshape(-1, *w.shape[2:]), layer.bias.reshape(-1), groups=1 if shared else R)
+            shared = False
+            a = layer.bn(a)
+            h = F.max_pool2d(stacked_tal(a, layer.alpha, layer.basis, task_ids, False, self.batching), 2)
+        h = h.reshape(B, R, FLAT).transpose(0, 1)                              # [R, B, 1024]
+        a = torch.baddbmm(self.fc.bias.unsqueeze(1), h, self.fc.weight.transpose(1, 2))
+        h = stacked_tal(a, self.fc.alpha, self.fc.basis, task_ids, True, self.batching)   # [R, B, 512]
+        return self._heads(h, task_ids)
+
+    def _heads(self, h, task_ids):
+        """Logits [R, B, C_max] of each row's task head, -inf past its classes."""
+        tasks, group, slot, size = rows_by_task(task_ids)
+        R, B, T = self.runs, task_ids.numel(), self.num_tasks
+        grid = h.new_zeros(R, len(tasks), size, HIDDEN)
+        grid[:, group, slot] = h
+        weight, bias = self.heads.weight, self.heads.bias
+        if len(tasks) != T:
+            weight, bias = weight[:, tasks], bias[:, tasks]
+        logits = (torch.matmul(grid, weight.transpose(-1, -2)) + bias.unsqueeze(2))[:, group, slot]
+        return logits.masked_fill(~self.class_mask(h.device)[task_ids], float("-inf"))
+
+    def class_mask(self, device):
+        """[T, C_max] bool: which logits are classes of each task."""
+        classes = torch.tensor(self.num_classes, device=device)
+        return torch.arange(max(self.num_classes), device=device)[None, :] < classes[:, None]
+
+    # ------------------------------------------------------------------ loss
+    def task_losses(self, logits, labels, task_ids):
+        """[R] losses: each run's mean over the tasks present of its mean cross-entropy
+        (`multitask_loss` of every run). labels [R, B] or [B]."""
+        R, B = logits.shape[:2]
+        ce = F.cross_entropy(logits.reshape(R * B, -1), labels.expand(R, B).reshape(-1), reduction="none")
+        counts = torch.bincount(task_ids, minlength=self.num_tasks)
+        sums = ce.new_zeros(R, self.num_tasks).index_add_(1, task_ids, ce.view(R, B))
+        present = counts > 0
+        return (sums[:, present] / counts[present].to(ce.dtype)).mean(1)
+
+    def regularizations(self):
+        """[R]: lambda_r * sum over run r's TAL layers of its regulariser (0 without one)."""
+        layers = list(self.convs) + [self.fc]
+        alphas = torch.stack([layer.alpha for layer in layers], 1)          # [R, L, T, M]
+        bases = torch.stack([layer.basis for layer in layers], 1)           # [R, L, 1, M]
+        out = alphas.new_zeros(self.runs)
+        for kind in sorted({k for k in self.regularizers if k is not None}):
+            slots = [r for r, k in enumerate(self.regularizers) if k == kind and self.lams[r]]
+            if not slots:
+                continue
+            index = torch.tensor(slots, device=alphas.device)
+            L = alphas.shape[1]
+            values = vmap(lambda a, b: _regularizer_value(kind, a, b, self.c0))(
+                alphas[index].flatten(0, 1), bases[index].flatten(0, 1)).view(len(slots), L)
+            lams = torch.tensor([self.lams[r] for r in slots], dtype=values.dtype, device=values.device)
+            out = out.index_add(0, index, (lams[:, None] * values).sum(1))
+        return out
+
+    def regularization(self, c=1.0):
+        """c * sum_r lambda_r R_r: what the trainer adds to the loss."""
+        return c * self.regularizations().sum()
