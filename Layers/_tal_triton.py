@@ -17,18 +17,14 @@ apart (float64 across blocks); only then does the program add its sums to the gl
 order of the additions, and so the last bits of the sums, vary from run to run.
 
 Runs on CUDA tensors, or on CPU tensors in Triton's interpreter (``TRITON_INTERPRET=1``
-set before Python starts), which is how the tests check it without a GPU. Without the
+set before Python starts), which is how the tests check it without a GPU. The kernels
+themselves are in `Layers._tal_triton_kernels`, imported on first use; without the
 ``triton`` package this module only reports ``available() == False``.
 """
+import importlib.util
 import os
 
 import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:      # no Triton: the PyTorch path runs instead
-    triton = None
 
 MAX_BASIS = 1023         # above, the [block, bins] comparison gets too large: PyTorch path
 FORWARD_BLOCK = 1024     # elements per forward program
@@ -37,7 +33,8 @@ DTYPES = (torch.float32, torch.float64)
 
 
 def available():
-    return triton is not None
+    """Whether the triton package is installed (it is imported on first use only)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def interpreting():
@@ -48,77 +45,7 @@ def interpreting():
 def supports(a, num_basis):
     """Whether these kernels can take `a` (and a basis of `num_basis` points)."""
     on_device = a.is_cuda or (interpreting() and a.device.type == "cpu")
-    return triton is not None and on_device and a.dtype in DTYPES and num_basis <= MAX_BASIS
-
-
-if triton is not None:
-    @triton.jit
-    def _bucket(s_ptr, M, a):
-        """k = #{m : s_m <= a} for sorted s, by a branch-free binary search (NaN: 0)."""
-        pos = tl.zeros(a.shape, dtype=tl.int32)
-        n = M
-        while n > 1:
-            half = n // 2
-            pos += tl.where(tl.load(s_ptr + pos + (half - 1)) <= a, half, 0)
-            n -= half
-        return pos + tl.where(tl.load(s_ptr + pos) <= a, 1, 0)
-
-    @triton.jit
-    def _forward_kernel(a_ptr, task_ptr, s_ptr, A_ptr, S_ptr, out_ptr, k_ptr, N, M, pieces,
-                        KEEP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0) // pieces
-        cols = (tl.program_id(0) % pieces) * BLOCK + tl.arange(0, BLOCK)
-        mask = cols < N
-        offs = row.to(tl.int64) * N + cols
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-        k = _bucket(s_ptr, M, a)
-        table = tl.load(task_ptr + row) * (M + 1) + k
-        zero = tl.zeros_like(a)
-        out = (tl.where(a > zero, a, zero) + tl.load(S_ptr + table, mask=mask, other=0.0)
-               - a * tl.load(A_ptr + table, mask=mask, other=0.0))
-        tl.store(out_ptr + offs, out, mask=mask)
-        if KEEP:
-            tl.store(k_ptr + offs, k.to(tl.uint8), mask=mask)
-
-    @triton.jit
-    def _backward_kernel(g_ptr, a_ptr, k_ptr, task_ptr, s_ptr, A_ptr, grad_ptr, sums_ptr,
-                         N, M, T, pieces, chunk,
-                         KEEP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):
-        row = tl.program_id(0) // pieces
-        start = (tl.program_id(0) % pieces) * chunk
-        end = tl.minimum(start + chunk, N)
-        t = tl.load(task_ptr + row)
-        bins = tl.arange(0, BINS)                  # buckets 0 .. M - 1; bucket M summed apart
-        sum_g = tl.zeros([BINS], dtype=tl.float64)
-        sum_ga = tl.zeros([BINS], dtype=tl.float64)
-        top_g = tl.zeros([BLOCK], dtype=tl.float64)
-        top_ga = tl.zeros([BLOCK], dtype=tl.float64)
-        for lo in range(start, end, BLOCK):
-            cols = lo + tl.arange(0, BLOCK)
-            mask = cols < end
-            offs = row.to(tl.int64) * N + cols
-            g = tl.load(g_ptr + offs, mask=mask, other=0.0)        # 0 outside: adds nothing
-            a = tl.load(a_ptr + offs, mask=mask, other=0.0)
-            if KEEP:
-                k = tl.load(k_ptr + offs, mask=mask, other=0).to(tl.int32)
-            else:
-                k = _bucket(s_ptr, M, a)
-            if NEED_GRAD:
-                zero = tl.zeros_like(a)
-                step = tl.where(a > zero, zero + 1, zero)
-                slope = step - tl.load(A_ptr + t * (M + 1) + k, mask=mask, other=0.0)
-                tl.store(grad_ptr + offs, g * slope, mask=mask)
-            ga = g * a
-            hit = k[:, None] == bins[None, :]                          # [BLOCK, BINS]
-            sum_g += tl.sum(tl.where(hit, g[:, None], 0.0), axis=0).to(tl.float64)
-            sum_ga += tl.sum(tl.where(hit, ga[:, None], 0.0), axis=0).to(tl.float64)
-            top_g += tl.where(k == M, g, 0.0).to(tl.float64)
-            top_ga += tl.where(k == M, ga, 0.0).to(tl.float64)
-        K = M + 1
-        tl.atomic_add(sums_ptr + t * K + bins, sum_g, mask=bins < M)
-        tl.atomic_add(sums_ptr + (T + t) * K + bins, sum_ga, mask=bins < M)
-        tl.atomic_add(sums_ptr + t * K + M, tl.sum(top_g, axis=0))
-        tl.atomic_add(sums_ptr + (T + t) * K + M, tl.sum(top_ga, axis=0))
+    return on_device and a.dtype in DTYPES and num_basis <= MAX_BASIS and available()
 
 
 def forward(a, row_task, s, A, S, keep_buckets):
@@ -129,8 +56,9 @@ def forward(a, row_task, s, A, S, keep_buckets):
     out = torch.empty_like(a)
     k = torch.empty((R if keep else 0, N), dtype=torch.uint8, device=a.device)
     if a.numel():
-        pieces = triton.cdiv(N, FORWARD_BLOCK)
-        _forward_kernel[(R * pieces,)](a, row_task, s, A, S, out, k if keep else out, N, M, pieces,
+        from . import _tal_triton_kernels as kernels
+        pieces = -(-N // FORWARD_BLOCK)
+        kernels.forward[(R * pieces,)](a, row_task, s, A, S, out, k if keep else out, N, M, pieces,
                                        KEEP=keep, BLOCK=FORWARD_BLOCK, enable_fp_fusion=False)
     return out, k
 
@@ -142,10 +70,11 @@ def backward(g, a, k, row_task, s, A, need_grad_a):
     grad_a = torch.empty_like(a) if need_grad_a else a.new_empty(0)
     sums = torch.zeros(2, T, M + 1, dtype=torch.float64, device=a.device)
     if a.numel():
-        bins = max(16, triton.next_power_of_2(M))
+        from . import _tal_triton_kernels as kernels
+        bins = max(16, 1 << (M - 1).bit_length())      # M rounded up to a power of two
         block = max(16, min(128, 8192 // bins))        # the [block, bins] comparison stays small
-        pieces = triton.cdiv(N, CHUNK)
-        _backward_kernel[(R * pieces,)](g, a, k if k.numel() else a, row_task, s, A,
+        pieces = -(-N // CHUNK)
+        kernels.backward[(R * pieces,)](g, a, k if k.numel() else a, row_task, s, A,
                                         grad_a if need_grad_a else a, sums, N, M, T, pieces, CHUNK,
                                         KEEP=k.numel() > 0, NEED_GRAD=need_grad_a, BLOCK=block, BINS=bins,
                                         enable_fp_fusion=False)
