@@ -76,7 +76,8 @@ def draw_panel(ax, results, title):
 
 
 def plot(panels, out_prefix):
-    """panels: [(title, {reg: {lambda: [acc]}})]; writes out_prefix.png and .pdf atomically."""
+    """panels: [(title, {reg: {lambda: [acc]}})]; writes out_prefix.png and .pdf atomically.
+    The same panels give the same bytes (the PDF carries no creation date)."""
     fig = Figure(figsize=(6.0 * len(panels), 4.5))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, results) in zip(axes[0], panels):
@@ -84,7 +85,7 @@ def plot(panels, out_prefix):
     fig.tight_layout()
     paths = [f"{out_prefix}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        atomic_savefig(fig, path, dpi=150)
+        atomic_savefig(fig, path, dpi=150, metadata={"CreationDate": None} if path.endswith(".pdf") else None)
     return paths
 
 

@@ -1,15 +1,23 @@
-"""Many Omniglot runs trained at once and the lambda sweep, on tiny synthetic data (CPU): the
-stacked network against the TAAN networks it holds, runs trained at once against the same runs
-trained one by one by train.py, and the files of Evaluation_TAAN after a kill."""
+"""Many Omniglot runs trained at once, the lambda sweep and the whole figure from one command,
+on tiny synthetic data (CPU): the stacked network against the TAAN networks it holds, runs
+trained at once against the same runs trained one by one by train.py, the files of
+Evaluation_TAAN and reproduce, and sweeps killed at any moment against uninterrupted ones."""
+import csv
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
 
 import pytest
 import torch
 from ignite.engine import Events
 
-from Omniglot import Evaluation_TAAN, results, synthetic, train as trainer
+from Omniglot import Evaluation_TAAN, reproduce, results, synthetic, train as trainer
 from Omniglot.stack import TAANStack
 from Omniglot.sweep import RunSpec, default_runs_at_once, train_runs
 from Omniglot.TAAN import TAAN, multitask_loss, split_by_task
@@ -239,3 +247,162 @@ def test_sweep_writes_the_original_format_from_its_records_and_resumes_after_a_k
     assert open(path).read() == text + "\n".join(lines[:2]) + "\n"
     with pytest.raises(UserError, match=r"other settings \(lr: 0\.001 there, 0\.002 now\)"):
         Evaluation_TAAN.main(argv + ["--resume", "--lr", "2e-3"])
+
+
+# ------------------------------------------------------------------------------- reproduce
+
+REPRO = ["--lambdas", "0.3", "--repeats", "2", "--num_iter", "4", "--test_interval", "2", "--early_stop", "2",
+         "--basis", "4", "--batch", "1", "--eval_batch", "3", "--lr", "1e-3", "--device", "cpu", "--runs_at_once", "3"]
+OUTPUTS = [f"Results-TAAN-Omniglot-{reg}.txt" for reg in results.REGULARIZERS] + [
+    "table.md", "table.csv", "lambda.png", "lambda.pdf", "records.json"]
+
+
+def repro(root, out, *extra, data=None, hook=None):
+    args = reproduce.parse_args(["--data_root", root, "--results_dir", out] + REPRO + list(extra))
+    return reproduce.reproduce(args, data=data, setup_hook=hook, **QUIET)
+
+
+def contents(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in OUTPUTS}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(root, data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reproduce") / "full")
+    return out, repro(root, out, data=data), contents(out)
+
+
+def test_reproduce_writes_results_table_and_figure_from_its_records(uninterrupted):
+    out, result, files = uninterrupted
+    records = json.loads(files["records.json"])
+    assert records["runs_at_once"] == 3 and len(records["records"]) == 2 + 3 * 2
+    assert records["settings"]["paper_formulas"] is False
+    layers = {r["regularizer"]: r["layer_regularize"] for r in records["records"].values()}
+    assert layers == {"none": None, "tracenorm": "tracenorm_original", "distance": "distance",
+                      "cosine": "cosine_original"}
+    for reg in results.REGULARIZERS:
+        text = files[f"Results-TAAN-Omniglot-{reg}.txt"].decode()
+        assert text.startswith("# Omniglot.reproduce: the original code's formulas") and "NOT the paper's" in text
+        expected = {}
+        for record in sorted(records["records"].values(), key=lambda r: r["repeat"]):
+            if record["regularizer"] == reg:
+                expected.setdefault(record["lambda"], []).append(round(record["best_acc"], 4))
+        assert results.parse_results(os.path.join(out, f"Results-TAAN-Omniglot-{reg}.txt")) == expected
+    assert result["table"]["distance"][0.3] == [records["records"][f"distance/0.3/{j}"]["best_acc"] for j in (1, 2)]
+    rows = list(csv.DictReader(files["table.csv"].decode().splitlines()))
+    assert [(row["regularizer"], row["lambda"]) for row in rows] == [
+        ("none", "0"), ("tracenorm", "0.3"), ("distance", "0.3"), ("cosine", "0.3")]
+    none = [records["records"][f"none/0/{j}"]["best_acc"] * 100 for j in (1, 2)]
+    for row in rows:
+        accs = [a * 100 for a in result["table"][row["regularizer"]][float(row["lambda"])]]
+        mean = sum(accs) / 2
+        assert float(row["mean"]) == pytest.approx(mean, abs=1e-4)
+        assert float(row["std"]) == pytest.approx(abs(accs[0] - accs[1]) / 2 ** 0.5, abs=1e-4)   # sample std
+        if row["regularizer"] != "none":
+            assert float(row["mean_minus_none"]) == pytest.approx(mean - sum(none) / 2, abs=1e-4)
+        assert (row["formulas"], row["protocol"]) == ("original", "not the paper's")
+    # the reported numbers beside ours are SPEC section 7's, by hand: (83.68 + 85.60 + 84.17 + 83.58 + 83.53) / 5
+    reported = {(row["regularizer"], row["lambda"]): row for row in rows}
+    assert float(reported["none", "0"]["reported_mean"]) == pytest.approx(84.112, abs=1e-4)
+    assert float(reported["distance", "0.3"]["reported_mean"]) == pytest.approx(86.724, abs=1e-4)
+    assert float(reported["tracenorm", "0.3"]["reported_minus_none"]) == pytest.approx(76.188 - 84.112, abs=1e-4)
+    assert float(reported["cosine", "0.3"]["reported_std"]) == pytest.approx(2.7314, abs=1e-4)
+    md = files["table.md"].decode()
+    assert "| distance | 0.3 | 2 |" in md and "| 86.72 +- 0.61 | +2.61 |" in md
+    assert "Formulas: the original code's formulas" in md and "Protocol: NOT the paper's protocol" in md
+    assert files["lambda.png"][:8] == b"\x89PNG\r\n\x1a\n" and files["lambda.pdf"][:5] == b"%PDF-"
+    assert not os.path.exists(os.path.join(out, trainer.STATE_NAME))
+
+
+@pytest.mark.parametrize("kill", ["in training", "after a record"])
+def test_reproduce_killed_anywhere_ends_as_an_uninterrupted_run(root, data, uninterrupted, kill, tmp_path,
+                                                                 monkeypatch):
+    out = str(tmp_path / "killed")
+    if kill == "after a record":        # the record is written, the files made from it are not
+        calls, write = [], reproduce.write_outputs
+
+        def dies_on_third_call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise Killed()
+            return write(*args, **kwargs)
+        monkeypatch.setattr(reproduce, "write_outputs", dies_on_third_call)
+        with pytest.raises(Killed):
+            repro(root, out, data=data)
+        monkeypatch.setattr(reproduce, "write_outputs", write)
+        assert len(json.load(open(os.path.join(out, "records.json")))["records"]) == 2
+    else:       # before the first save of the group's state: the group starts again, all its runs
+        with pytest.raises(Killed):
+            repro(root, out, data=data, hook=kill_in_group(2, Events.ITERATION_COMPLETED(once=3)))
+        assert not os.path.isfile(os.path.join(out, trainer.STATE_NAME))
+    repro(root, out, data=data)
+    assert contents(out) == uninterrupted[2]
+
+
+def test_reproduce_killed_by_a_signal_ends_as_an_uninterrupted_run(root, data, uninterrupted, tmp_path):
+    """A real SIGKILL of the command once it has saved a training state, then the same command again."""
+    out = str(tmp_path / "sigkill")
+    cmd = [sys.executable, "-m", "Omniglot.reproduce", "--data_root", root, "--results_dir", out, "--save_every",
+           "0"] + REPRO
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    state, deadline = os.path.join(out, trainer.STATE_NAME), time.time() + 120
+    while not os.path.isfile(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    lines = []
+    args = reproduce.parse_args(["--data_root", root, "--results_dir", out, "--save_every", "0"] + REPRO)
+    reproduce.reproduce(args, data=data, log=lines.append)
+    assert any(line.startswith("Resumed ") for line in lines)
+    rounds = [line for line in lines if line.startswith("Iter ")]
+    assert rounds and all(re.fullmatch(r"Iter 0000\d/4: runs \d+ finished, \d running, \d+ waiting; best test "
+                                       r"accuracy \(%\) none \d+\.\d\d( \| \w+ 0\.3 \d+\.\d\d)*; "
+                                       r"(at most \d+:\d\d:\d\d left|time left unknown yet)", line) for line in rounds), rounds
+    assert contents(out) == uninterrupted[2]
+
+
+def test_reproduce_continues_with_other_runs_and_refuses_other_settings(root, data, uninterrupted, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(uninterrupted[0], out)
+    with pytest.raises(UserError, match=r"other settings \(lr: 0\.001 there, 0\.002 now\).*another --results_dir"):
+        repro(root, out, "--lr", "2e-3", data=data)
+    # fewer runs asked for: nothing trains, the outputs show those runs, the other records stay
+    result = repro(root, out, "--regularizers", "distance", "--repeats", "1", "--runs_at_once", "1", data=data)
+    assert list(result["table"]) == ["distance"] and [len(v) for v in result["table"]["distance"].values()] == [1]
+    assert len(result["records"]) == 8
+    assert open(os.path.join(out, "Results-TAAN-Omniglot-distance.txt")).read().count("Experiment") == 1
+    # the paper's formulas: the layers get the paper's names, and every output says so
+    paper = str(tmp_path / "paper")
+    result = repro(root, paper, "--regularizers", "cosine", "tracenorm", "--lambdas", "0.2", "--repeats", "1",
+                   "--paper_formulas", data=data)
+    assert {r["layer_regularize"] for r in result["records"].values()} == {"cosine", "tracenorm"}
+    for name in ("Results-TAAN-Omniglot-cosine.txt", "table.md"):
+        assert "the paper's formulas" in open(os.path.join(paper, name)).read()
+
+
+def test_presets_and_what_the_outputs_say(tmp_path, monkeypatch, capsys):
+    quick = reproduce.parse_args(["--preset", "quick"])
+    assert (quick.alphabets, quick.repeats, quick.lambdas, quick.regularizers) == (
+        10, 2, [0.1, 0.2, 0.3, 0.4], ["none", "tracenorm", "distance", "cosine"])
+    assert quick.results_dir.endswith(os.path.join("results", "omniglot_reproduce_quick"))
+    formulas, protocol = reproduce.describe(quick, 10)
+    assert protocol.startswith("NOT the paper's protocol (preset quick): repeats 2 (paper: 5), alphabets 10 "
+                               "(paper: 50), lr 0.001 (paper: 1e-05)")
+    paper = reproduce.parse_args([])
+    assert (paper.repeats, paper.num_iter, paper.test_interval, paper.early_stop, paper.lr, paper.basis,
+            paper.batch) == (5, 15000, 100, 100, 1e-5, 32, 5)
+    assert reproduce.describe(paper, 50)[1] == "the paper's protocol"
+    assert len(reproduce.run_specs(paper)) == 65
+    assert reproduce.describe(paper, 50)[0].startswith("the original code's formulas")
+    # one line per user error, exit 2, and the console command
+    scripts = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["scripts"]
+    assert scripts["taan-omniglot-reproduce"] == "Omniglot.reproduce:cli"
+    monkeypatch.setattr(sys, "argv", ["reproduce", "--data_root", str(tmp_path / "missing"), "--results_dir",
+                                      str(tmp_path / "out"), "--device", "cpu"])
+    monkeypatch.delenv("TAAN_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        reproduce.cli()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and re.match(r"error: data folder .*missing does not exist", err)
