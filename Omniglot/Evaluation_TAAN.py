@@ -15,9 +15,9 @@ home folder, see README) in the original's format:
 
 'none' (no regulariser) is run once, under lambda = 0, as in the original's file. Repeat j
 (counting from 0) uses seed --seed + j for every lambda, so the lambdas are compared on the
-same initialisations and batches. The runs are trained --runs_at_once at a time in one
-batched network (`Omniglot.sweep`; default: all on CUDA, one at a time on the CPU), each
-exactly as `train.py` would train it alone.
+same initialisations and batches. The runs are trained --runs_at_once at a time
+(`Omniglot.sweep`; default: all at once in one batched network on CUDA, one at a time on the
+CPU), each as `train.py` would train it alone.
 
 A sweep adds its block after whatever the results file held when it started (as the
 original did). The file is written whole from the sweep's records (the runs finished so
@@ -36,6 +36,7 @@ import numpy as np
 
 from Layers.TAL_pytorch import layer_regularizer
 from Omniglot import results
+from Omniglot.stack import STACKINGS
 from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, train_runs
 from Omniglot.TAAN import build_model
 from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
@@ -48,10 +49,13 @@ SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<
 
 
 def add_sweep_arguments(p):
-    """How many runs train at once, and how often their state is saved (also Omniglot.reproduce's)."""
+    """How many runs train at once and how, and how often their state is saved (also Omniglot.reproduce's)."""
     p.add_argument("--runs_at_once", type=int, default=None,
-                   help="runs trained at once in one batched network (default: all on CUDA, as many as fit; "
-                        "1 on the CPU)")
+                   help="runs trained at once (default: all on CUDA, as many as fit; 1 on the CPU)")
+    p.add_argument("--stacking", choices=STACKINGS, default=None,
+                   help="how the runs at once are computed: stacked (one batched network; the CUDA default), "
+                        "separate (their own networks one after another, each bit for bit as train.py; the CPU "
+                        "default) or union (stacked, all activations in one kernel call)")
     p.add_argument("--save_every", type=float, default=300.0,
                    help="seconds between saves of the training state, for resuming (default 300; "
                         "0: after every evaluation)")
@@ -119,7 +123,7 @@ def run_settings(args, lam, j, saveto):
     """The train.py settings of repeat j at lambda lam."""
     settings = {k: v for k, v in vars(args).items()
                 if k not in ("VMTL", "lambdas", "repeats", "results_dir", "save_models", "resume", "gpu",
-                             "runs_at_once", "save_every")}
+                             "runs_at_once", "stacking", "save_every")}
     settings.update(model="taan", lam=lam, seed=args.seed + j, saveto=saveto, resume="")
     return SimpleNamespace(**settings)
 
@@ -232,7 +236,7 @@ def run_sweep(args, data=None, device=None, log=print, setup_hook=None):
 
     train_runs(specs, args, data, device, at_once, records, on_record, state_path, args.save_every,
                on_round=Progress(specs, records, args.num_iter, at_once, log), on_best=on_best,
-               setup_hook=setup_hook, log=print)
+               stacking=args.stacking, setup_hook=setup_hook, log=print)
     new = {}
     for spec in specs:
         if spec.key not in before:

@@ -8,14 +8,15 @@ tracenorm, distance and cosine at every lambda (0.1 0.2 0.3 0.4) --repeats times
 repeat j uses seed --seed + j for every lambda, as `Evaluation_TAAN.py`. Every run is the
 run of `train.py` (basis 32, lr 1e-5, 5 images per alphabet per iteration, test every 100
 iterations, stop after 100 evaluations without gain or 15000 iterations). The runs train
---runs_at_once at a time in one batched network (`Omniglot.sweep`; default: all at once on
-CUDA, as many as fit in memory; one at a time on the CPU, which measured no faster batched).
+--runs_at_once at a time (`Omniglot.sweep`; default: all at once in one batched network on
+CUDA, as many as fit in memory; one at a time on the CPU, where batching measured slower;
+--stacking says how runs at once are computed).
 
 By default the regularisers use the original code's formulas (tracenorm_original,
 cosine_original), because the reported numbers came from that code; --paper_formulas uses
 the paper's. Every output says which formulas and which protocol made it.
 
---preset quick shrinks the protocol to show the figure's shape on 2 CPU cores in about 20
+--preset quick shrinks the protocol to show the figure's shape on 2 CPU cores in at most 20
 minutes (see QUICK); its outputs say that they are not the paper's protocol. Any flag given
 overrides the preset's value.
 
@@ -34,8 +35,9 @@ Resumable: killed at any moment, the same command continues where the last saved
 (every --save_every seconds) and the records leave off, and the files end byte-identical to
 an uninterrupted run's (on the CPU; CUDA kernels may sum in another order). A sweep may be
 continued with other --regularizers, --lambdas, --repeats (the outputs show the runs asked
-for; records of others are kept), --runs_at_once, --device or --save_every; settings that
-change what a run computes are refused.
+for; records of others are kept), --runs_at_once, --stacking, --device or --save_every (the
+last given --runs_at_once and --stacking are kept in records.json for the next start);
+settings that change what a run computes are refused.
 """
 import csv
 import io
@@ -47,6 +49,7 @@ from Layers.TAL_pytorch import C0_ORIGINAL, layer_regularizer
 from Omniglot import Figure_wrt_Lambda, results
 from Omniglot.Evaluation_TAAN import add_sweep_arguments
 from Omniglot.dataTools import DEFAULT_DATA_ROOT
+from Omniglot.stack import default_stacking
 from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, format_duration, train_runs
 from Omniglot.train import DTYPES, STATE_NAME, load_data
 from Training import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, default_path, entry_point,
@@ -58,10 +61,12 @@ PAPER_ALPHABETS = 50
 PAPER = {"regularizers": list(results.REGULARIZERS), "lambdas": [0.1, 0.2, 0.3, 0.4], "repeats": 5,
          "alphabets": None, "basis": 32, "lr": 1e-5, "batch": 5, "num_iter": 15000, "test_interval": 100,
          "early_stop": 100}
-# Shows the figure's shape in about 20 minutes on 2 CPU cores: the first 10 alphabets, 2 runs
-# per cell, 300 iterations at lr 1e-3 (the paper's 1e-5 learns almost nothing in 300), a test
-# every 20 iterations and early stopping after 5 tests without gain.
-QUICK = dict(PAPER, repeats=2, alphabets=10, lr=1e-3, num_iter=300, test_interval=20, early_stop=5)
+# Shows the figure's shape in at most 20 minutes on 2 CPU cores: the first 10 alphabets (not 50),
+# 2 runs per cell (not 5), at most 150 iterations (not 15000) at lr 1e-3 (the paper's 1e-5
+# learns almost nothing in 150), a test every 25 iterations (not 100) and early stopping after
+# 3 tests without gain (not 100). Everything else is the paper's: 26 runs, 5 images per
+# alphabet per step, basis 32, all four regularisers at lambda 0.1 0.2 0.3 0.4.
+QUICK = dict(PAPER, repeats=2, alphabets=10, lr=1e-3, num_iter=150, test_interval=25, early_stop=3)
 PRESETS = {"paper": PAPER, "quick": QUICK}
 
 
@@ -249,10 +254,10 @@ def write_outputs(args, specs, records, notes, figure=False):
 
 # ---------------------------------------------------------------------------- the sweep
 def open_records(args, settings):
-    """The records file's {'settings', 'runs_at_once', 'records'}, checked against `settings`."""
+    """The records file's {'settings', 'runs_at_once', 'stacking', 'records'}, checked against `settings`."""
     path = os.path.join(args.results_dir, RECORDS_NAME)
     if not os.path.isfile(path):
-        return {"settings": settings, "runs_at_once": None, "records": {}}
+        return {"settings": settings, "runs_at_once": None, "stacking": None, "records": {}}
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
@@ -280,7 +285,8 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
     records = store["records"]
     at_once = args.runs_at_once or store["runs_at_once"] or default_runs_at_once(
         device, len(specs), args.batch * train_data.num_tasks)
-    store["runs_at_once"] = at_once
+    stacking = args.stacking or store.get("stacking") or default_stacking(device)
+    store.update(runs_at_once=at_once, stacking=stacking)
     formulas, protocol = describe(args, train_data.num_tasks)
     data_line = (f"{train_data.num_tasks} alphabets of {os.path.abspath(args.data_root)} (split seed "
                  f"{args.split_seed}), {len(train_data)} train / {len(test_data)} test images")
@@ -294,7 +300,7 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
     done = sum(spec.key in records for spec in specs)
     log(f"Omniglot reproduce: {len(specs)} runs ({done} already recorded) of {' '.join(args.regularizers)}, "
         f"lambdas {_show(args.lambdas)}, {args.repeats} repeats; {data_line}; device {device}, {at_once} run(s) at "
-        f"once; {formulas}; {protocol}. Results -> {args.results_dir}")
+        f"once ({stacking}); {formulas}; {protocol}. Results -> {args.results_dir}")
     write_outputs(args, specs, records, notes)
 
     def on_record(spec, record, state):
@@ -306,7 +312,8 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
 
     train_runs(specs, args, (train_data, test_data), device, at_once, records, on_record,
                os.path.join(args.results_dir, STATE_NAME), args.save_every,
-               on_round=Progress(specs, records, args.num_iter, at_once, log), setup_hook=setup_hook, log=log)
+               on_round=Progress(specs, records, args.num_iter, at_once, log), stacking=stacking,
+               setup_hook=setup_hook, log=log)
     paths, md = write_outputs(args, specs, records, notes, figure=True)
     log("\n" + md)
     log(f"Files: {', '.join(os.path.relpath(p, args.results_dir) for p in paths)} and {RECORDS_NAME} in "

@@ -27,6 +27,12 @@ parameter objects stay, so the optimizer and the engines keep working).
 
 `run_state_dict(r)` is run r's network as a `TAAN` state_dict (the format of `train.py`'s
 files); `TAANStack.from_models(models, lams)` stacks given TAAN networks.
+
+`TAANList` has the same interface for R separate TAAN networks computed one after another,
+each exactly as train.py computes it alone (bit for bit; no batching). `build_runs` makes
+either, by STACKINGS: 'separate' (TAANList: the default on the CPU, where the grouped
+convolutions measured slower than the runs one by one), 'stacked' (TAANStack, the default
+on CUDA) or 'union' (TAANStack with all runs' activations in one kernel call).
 """
 from types import SimpleNamespace
 
@@ -38,9 +44,25 @@ from torch.func import vmap
 from Layers._tal_kernel import tal_activation
 from Layers._tasks import rows_by_task
 from Layers.TAL_pytorch import TAL_Linear
-from Omniglot.TAAN import CHANNELS, FLAT, HIDDEN, TAAN, HeadsAtFactorLR, check_task_ids
+from Omniglot.TAAN import (CHANNELS, FLAT, HIDDEN, TAAN, HeadsAtFactorLR, check_task_ids, multitask_loss,
+                           split_by_task)
 
 BATCHINGS = ("loop", "union")
+STACKINGS = ("separate", "stacked", "union")
+
+
+def default_stacking(device):
+    """'stacked' on CUDA, 'separate' elsewhere (see the module docstring)."""
+    return "stacked" if torch.device(device).type == "cuda" else "separate"
+
+
+def build_runs(models, lams, stacking):
+    """The R runs of `models` (TAAN networks) with weights `lams`, computed as `stacking` says."""
+    if stacking == "separate":
+        return TAANList(models, lams)
+    if stacking not in STACKINGS:
+        raise ValueError(f"stacking must be one of {STACKINGS}, got {stacking!r}")
+    return TAANStack.from_models(models, lams, "union" if stacking == "union" else "loop")
 
 
 def stacked_tal(a, alpha, basis, task_ids, runs_first, batching):
@@ -242,6 +264,15 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
         present = counts > 0
         return (sums[:, present] / counts[present].to(ce.dtype)).mean(1)
 
+    def run_losses(self, x, labels, task_ids):
+        """[R]: each run's multitask loss on its own batch (x [R, B, 1, H, W], labels [R, B])."""
+        return self.task_losses(self(x, task_ids), labels, task_ids)
+
+    @torch.no_grad()
+    def run_correct(self, x, labels, task_ids):
+        """[R]: how many of the images x [B, 1, H, W] (shared) each run classifies right."""
+        return (self(x, task_ids).argmax(-1) == labels).sum(1)
+
     def regularizations(self):
         """[R]: lambda_r * sum over run r's TAL layers of its regulariser (0 without one)."""
         layers = list(self.convs) + [self.fc]
@@ -263,3 +294,70 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
     def regularization(self, c=1.0):
         """c * sum_r lambda_r R_r: what the trainer adds to the loss."""
         return c * self.regularizations().sum()
+
+
+class Optimizers:
+    """Several optimizers stepped, saved and loaded as one."""
+
+    def __init__(self, optimizers):
+        self.optimizers = list(optimizers)
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def state_dict(self):
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(f"the state holds {len(state['optimizers'])} optimizers, this group has "
+                             f"{len(self.optimizers)}")
+        for optimizer, saved in zip(self.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+
+
+class TAANList(nn.Module):
+    """R separate TAAN networks with TAANStack's interface, computed one after another: every
+    run's forward, loss, regulariser, gradients and Adam step are those of train.py's run."""
+
+    def __init__(self, models, lams):
+        super().__init__()
+        self.nets = nn.ModuleList(models)
+        self.lams = list(lams)
+
+    @property
+    def runs(self):
+        return len(self.nets)
+
+    def run_losses(self, x, labels, task_ids):
+        return torch.stack([multitask_loss(net(x[r], task_ids), split_by_task(labels[r], task_ids, net.num_tasks))
+                            for r, net in enumerate(self.nets)])
+
+    @torch.no_grad()
+    def run_correct(self, x, labels, task_ids):
+        truth = torch.cat(split_by_task(labels, task_ids, self.nets[0].num_tasks))
+        return torch.stack([(torch.cat([z.argmax(-1) for z in net(x, task_ids)]) == truth).sum()
+                            for net in self.nets])
+
+    def regularization(self, c=1.0):
+        """c * sum_r lambda_r R_r (each run's TAAN.regularization(lambda_r))."""
+        terms = [net.regularization(c * lam) for net, lam in zip(self.nets, self.lams) if lam]
+        return sum(terms[1:], terms[0]) if terms else 0.
+
+    def make_optimizer(self, lr):
+        return Optimizers(net.make_optimizer(lr) for net in self.nets)
+
+    def keep(self, slots, optimizer=None):
+        """Keep only the runs in `slots` (in that order), with their optimizers."""
+        self.nets = nn.ModuleList(self.nets[s] for s in slots)
+        self.lams = [self.lams[s] for s in slots]
+        if optimizer is not None:
+            optimizer.optimizers = [optimizer.optimizers[s] for s in slots]
+
+    def run_state_dict(self, r):
+        return {key: value.detach().clone() for key, value in self.nets[r].state_dict().items()}

@@ -4,15 +4,17 @@ A sweep is a list of runs (`RunSpec`: regulariser, lambda, repeat j, seed); ever
 the run of `Omniglot/train.py` with those settings (same initialisation from its seed, same
 batches, same loss, same evaluations, same early stopping). `train_runs` cuts the list, in
 its order, into groups of `runs_at_once` runs and trains each group at once (`RunGroup`):
-one Ignite engine whose step makes one iteration of every run of the group through one
-`TAANStack`, with one Adam over the stacked parameters. Each run keeps its own seed,
-initialisation, batch order (its own `TrainSampler`), lambda, regulariser, Adam state (its
-slices) and early stopping (its own Ignite `EarlyStopping`); a run that stops leaves the
-stack at that evaluation, and the group goes on without it.
+one Ignite engine whose step makes one iteration of every run of the group, through one
+batched `TAANStack` with one Adam over the stacked parameters ('stacked', the CUDA default),
+or through the runs' own TAAN networks and optimizers one after another ('separate', the CPU
+default: bit for bit what train.py computes). Each run keeps its own seed, initialisation,
+batch order (its own `TrainSampler`), lambda, regulariser, Adam state and early stopping
+(its own Ignite `EarlyStopping`); a run that stops leaves the group at that evaluation, and
+the group goes on without it.
 
 The record of a finished run (its best accuracy, iterations, history) is the only result:
 the caller keeps the records and writes its result files from them, so a line is never
-written twice. The group's training state (stack, Adam, engine, samplers, early stopping,
+written twice. The group's training state (networks, Adam, engine, samplers, early stopping,
 histories) is saved after an evaluation round, at most every `save_every` seconds, to
 `state_path`; a killed sweep started again continues from it and ends with the same
 records. A group with no usable saved state starts again with all its runs, so every run
@@ -28,7 +30,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
 from ignite.metrics import Metric
 
-from Omniglot.stack import TAANStack
+from Omniglot.stack import build_runs, default_stacking
 from Omniglot.TAAN import build_model
 from Omniglot.train import DTYPES, EvalBatches, TrainSampler
 from Training import (Experiment, read_checkpoint, remove_stale_temporaries, restore, seed_everything,
@@ -71,7 +73,7 @@ def default_runs_at_once(device, runs, images_per_step):
 
 
 class RunAccuracies(Metric):
-    """correct / total of every run of the stack over all evaluated images (each run's
+    """correct / total of every run of the group over all evaluated images (each run's
     `PooledAccuracy`). update((correct [R], count)); compute() -> [R] floats."""
 
     def reset(self):
@@ -118,11 +120,12 @@ class _Run:
 
 class RunGroup(Experiment):
     """The runs of `specs` trained at once (settings in `args`, see RUN_SETTINGS), on
-    (train, test) OmniglotData `data`. `runs` are the ones still training, in stack order."""
+    (train, test) OmniglotData `data`, computed as `stacking` says. `runs` are the ones still
+    training, in the order of the networks in `net`."""
     score = "accuracy"
     eval_split = "test"
 
-    def __init__(self, specs, args, data, device, batching="loop"):
+    def __init__(self, specs, args, data, device, stacking):
         super().__init__(args)
         self.train_data, self.test_data = data
         self.dtype = DTYPES[args.dtype]
@@ -130,39 +133,40 @@ class RunGroup(Experiment):
         for spec in specs:          # as train.py: the global seed, then the network's initialisation
             seed_everything(spec.seed)
             models.append(build_model("taan", self.train_data.num_classes, basis=args.basis,
-                                      regularize=spec.layer_regularize, c0=args.c0))
-        self.stack = TAANStack.from_models(models, [spec.lam for spec in specs], batching)
-        self.stack.to(device=device, dtype=self.dtype)
-        self.optimizer = self.stack.make_optimizer(args.lr)
+                                      regularize=spec.layer_regularize, c0=args.c0).to(device=device,
+                                                                                      dtype=self.dtype))
+        self.stacking = stacking
+        self.net = build_runs(models, [spec.lam for spec in specs], stacking).to(device=device, dtype=self.dtype)
+        self.optimizer = self.net.make_optimizer(args.lr)
         self.runs = [_Run(spec, TrainSampler(self.train_data, args.batch, spec.seed), args.early_stop)
                      for spec in specs]
         self.task_ids = self.train_data.all_task_ids(args.batch)
         self.keys = [spec.key for spec in specs]
 
-    def loss(self, stack, batch):
+    def loss(self, net, batch):
         """Sum over the runs of each run's multitask loss, every run on its own batch."""
         x, y = self.train_data.gather(torch.stack([run.sampler.indices() for run in self.runs]))
-        return stack.task_losses(stack(x.to(self.dtype), self.task_ids), y, self.task_ids).sum()
+        return net.run_losses(x.to(self.dtype), y, self.task_ids).sum()
 
-    def eval_step(self, stack, batch):
+    def eval_step(self, net, batch):
         x, y, ids = batch
-        pred = stack(x.to(self.dtype), ids).argmax(-1)
-        return (pred == y).sum(1).cpu(), y.numel()
+        return net.run_correct(x.to(self.dtype), y, ids).cpu(), y.numel()
 
     def metrics(self, device):
         return {self.score: RunAccuracies()}
 
     def state_dict(self):
-        return {"group": self.keys, "runs": {run.spec.key: run.state_dict() for run in self.runs}}
+        return {"group": self.keys, "stacking": self.stacking,
+                "runs": {run.spec.key: run.state_dict() for run in self.runs}}
 
     def load_state_dict(self, state):
         for run in self.runs:
             run.load_state_dict(state["runs"][run.spec.key])
 
     def drop(self, slots):
-        """Remove the runs at `slots` from the group and the stack."""
+        """Remove the runs at `slots` from the group and its networks."""
         keep = [s for s in range(len(self.runs)) if s not in set(slots)]
-        self.stack.keep(keep, self.optimizer)
+        self.net.keep(keep, self.optimizer)
         self.runs = [self.runs[s] for s in keep]
 
 
@@ -171,18 +175,19 @@ def _settings(args):
 
 
 def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_round=None, on_best=None,
-                on_finish=None, batching="loop", setup_hook=None, log=print):
+                on_finish=None, stacking=None, setup_hook=None, log=print):
     """Train the runs of `specs` at once, resuming from `state_path` when it holds this group.
 
     on_finish(spec, record, state) is called when a run ends (state(): its network as a TAAN
     state_dict); on_best(spec, state) when a run's accuracy improves; on_round(group,
-    iteration) after every evaluation round. `setup_hook(trainer)` may add handlers (tests)."""
-    group = RunGroup(specs, args, data, device, batching)
-    stack = group.stack
-    trainer = create_trainer(stack, group.optimizer, group.loss, regularization=stack.regularization)
-    evaluator = create_evaluator(stack, group, torch.device("cpu"))
+    iteration) after every evaluation round; `stacking` how the runs are computed (see
+    `Omniglot.stack`; None: the device's default). `setup_hook(trainer)` may add handlers (tests)."""
+    group = RunGroup(specs, args, data, device, stacking or default_stacking(device))
+    net = group.net
+    trainer = create_trainer(net, group.optimizer, group.loss, regularization=net.regularization)
+    evaluator = create_evaluator(net, group, torch.device("cpu"))
     eval_batches = EvalBatches(group.test_data, args.eval_batch)
-    objects = {"stack": stack, "optimizer": group.optimizer, "trainer": trainer, "group": group,
+    objects = {"net": net, "optimizer": group.optimizer, "trainer": trainer, "group": group,
                "settings": Settings(_settings(args))}
     checkpoint = None
     if state_path:
@@ -194,7 +199,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
         for slot in slots:
             run = group.runs[slot]
             if on_finish is not None:
-                on_finish(run.spec, run.record(iteration), lambda s=slot: stack.run_state_dict(s))
+                on_finish(run.spec, run.record(iteration), lambda s=slot: net.run_state_dict(s))
         group.drop(slots)
 
     def evaluate(engine):
@@ -207,7 +212,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
             run.history.append((iteration, accuracy))
             run.early_stopping(evaluator)
             if on_best is not None and (before is None or accuracy > before):
-                on_best(run.spec, lambda s=slot: stack.run_state_dict(s))
+                on_best(run.spec, lambda s=slot: net.run_state_dict(s))
             if run.stop.should_terminate or iteration >= args.num_iter:
                 done.append(slot)
         finish(done, iteration)
@@ -224,16 +229,17 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
     trainer.add_event_handler(Events.COMPLETED, lambda e: finish(range(len(group.runs)), e.state.iteration))
     if state_path and os.path.isfile(state_path):
         state = read_checkpoint(state_path)
-        saved_group = state.get("group", {}).get("group") if isinstance(state, dict) else None
-        if saved_group == group.keys:
+        saved = state.get("group", {}) if isinstance(state, dict) else {}
+        saved_group = saved.get("group")
+        if saved_group == group.keys and saved.get("stacking") == group.stacking:
             check_settings(state_path, state, _settings(args), ())
             active = state["group"]["runs"]
             group.drop([s for s, run in enumerate(group.runs) if run.spec.key not in active])   # recorded
             restore(state_path, state, objects)
             log(f"Resumed {len(group.runs)} run(s) at iteration {trainer.state.iteration} from {state_path}.")
         else:
-            log(f"Note: {state_path} holds another group of runs ({', '.join(saved_group or ['unknown'])}); "
-                "this group starts afresh.")
+            log(f"Note: {state_path} holds another group of runs ({', '.join(saved_group or ['unknown'])}, "
+                f"{saved.get('stacking')}); this group ({group.stacking}) starts afresh.")
     if state_path:
         remove_stale_temporaries(os.path.dirname(os.path.abspath(state_path)))
     if setup_hook is not None:
@@ -245,7 +251,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
 
 
 def train_runs(specs, args, data, device, runs_at_once, records, on_record, state_path=None, save_every=0.0,
-               on_round=None, on_best=None, batching="loop", setup_hook=None, log=print):
+               on_round=None, on_best=None, stacking=None, setup_hook=None, log=print):
     """Train every run of `specs` that has no record in `records` (a dict key -> record),
     `runs_at_once` at a time: the list is cut in its order into groups of that size, and a
     group with an unrecorded run is trained (all its runs, so that each run always has the
@@ -257,7 +263,7 @@ def train_runs(specs, args, data, device, runs_at_once, records, on_record, stat
         group = specs[start:start + runs_at_once]
         if all(spec.key in records for spec in group):
             continue
-        train_group(group, args, data, device, state_path, save_every, on_round, on_best, on_record, batching,
+        train_group(group, args, data, device, state_path, save_every, on_round, on_best, on_record, stacking,
                     setup_hook, log)
 
 

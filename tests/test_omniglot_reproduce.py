@@ -18,7 +18,7 @@ import torch
 from ignite.engine import Events
 
 from Omniglot import Evaluation_TAAN, reproduce, results, synthetic, train as trainer
-from Omniglot.stack import TAANStack
+from Omniglot.stack import TAANStack, default_stacking
 from Omniglot.sweep import RunSpec, default_runs_at_once, train_runs
 from Omniglot.TAAN import TAAN, multitask_loss, split_by_task
 from Training import UserError
@@ -174,13 +174,20 @@ def one_by_one(root, data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("batching", ["loop", "union"])
-def test_runs_trained_at_once_equal_the_same_runs_trained_one_by_one(root, data, one_by_one, batching):
-    """float64, different regularisers and lambdas in one stack, runs leaving it early."""
-    args = trainer.build_parser().parse_args(["--data_root", root] + EXACT)
+def trained_at_once(root, data, stacking, specs=SPECS, extra=()):
+    """{run key: (record, final weights)} of `specs` trained at once."""
+    args = trainer.build_parser().parse_args(["--data_root", root] + EXACT + list(extra))
     got = {}
-    train_runs(SPECS, args, data, torch.device("cpu"), len(SPECS), {},
-               lambda spec, record, state: got.__setitem__(spec.key, (record, state())), batching=batching, **QUIET)
+    train_runs(specs, args, data, torch.device("cpu"), len(specs), {},
+               lambda spec, record, state: got.__setitem__(spec.key, (record, state())), stacking=stacking, **QUIET)
+    return got
+
+
+@pytest.mark.parametrize("stacking", ["separate", "stacked", "union"])
+def test_runs_trained_at_once_equal_the_same_runs_trained_one_by_one(root, data, one_by_one, stacking):
+    """float64, different regularisers and lambdas at once, runs leaving the group early: the
+    stacked network within 1e-10 of train.py, the separate networks bit for bit."""
+    got = trained_at_once(root, data, stacking)
     for spec in SPECS:
         (result, final), (record, state) = one_by_one[spec.key], got[spec.key]
         assert record["best_acc"] == result["best_acc"]
@@ -188,14 +195,28 @@ def test_runs_trained_at_once_equal_the_same_runs_trained_one_by_one(root, data,
         assert record["history"] == [list(point) for point in result["history"]]
         assert state.keys() == final.keys()
         worst = max((state[k].double() - final[k].double()).abs().max().item() for k in final)
-        assert worst < 1e-10, (spec.key, worst)
+        assert worst == 0 if stacking == "separate" else worst < 1e-10, (spec.key, worst)
     iterations = sorted(record["iterations"] for record, _ in got.values())
-    assert iterations[0] < 24 and iterations[-1] == 24          # some left the stack early, some ran to the end
+    assert iterations[0] < 24 and iterations[-1] == 24          # some left the group early, some ran to the end
     assert len({record["best_acc"] for record, _ in got.values()}) > 1
 
 
-def test_default_runs_at_once_on_the_cpu_is_one():
+def test_separate_runs_at_once_are_train_py_bit_for_bit_in_float32(root, data, tmp_path):
+    float32 = ["--dtype", "float32", "--num_iter", "12"]
+    got = trained_at_once(root, data, "separate", SPECS[:2], float32)
+    for spec in SPECS[:2]:
+        argv = ["--data_root", root, "--regularize", spec.regularizer, "--lam", str(spec.lam), "--seed",
+                str(spec.seed), "--saveto", str(tmp_path / spec.regularizer)] + EXACT + float32
+        result = trainer.train(trainer.build_parser().parse_args(argv), data=data, **QUIET)
+        final = torch.load(str(tmp_path / spec.regularizer / trainer.STATE_NAME))["model"]
+        record, state = got[spec.key]
+        assert record["history"] == [list(point) for point in result["history"]]
+        assert all(torch.equal(state[k], final[k]) for k in final)
+
+
+def test_default_runs_at_once_and_stacking_on_the_cpu():
     assert default_runs_at_once(torch.device("cpu"), 65, 250) == 1
+    assert default_stacking(torch.device("cpu")) == "separate" and default_stacking("cuda:0") == "stacked"
 
 
 # ------------------------------------------------------------------------------- Evaluation_TAAN
@@ -252,7 +273,8 @@ def test_sweep_writes_the_original_format_from_its_records_and_resumes_after_a_k
 # ------------------------------------------------------------------------------- reproduce
 
 REPRO = ["--lambdas", "0.3", "--repeats", "2", "--num_iter", "4", "--test_interval", "2", "--early_stop", "2",
-         "--basis", "4", "--batch", "1", "--eval_batch", "3", "--lr", "1e-3", "--device", "cpu", "--runs_at_once", "3"]
+         "--basis", "4", "--batch", "1", "--eval_batch", "3", "--lr", "1e-3", "--device", "cpu", "--runs_at_once", "3",
+         "--stacking", "stacked"]
 OUTPUTS = [f"Results-TAAN-Omniglot-{reg}.txt" for reg in results.REGULARIZERS] + [
     "table.md", "table.csv", "lambda.png", "lambda.pdf", "records.json"]
 
@@ -275,7 +297,7 @@ def uninterrupted(root, data, tmp_path_factory):
 def test_reproduce_writes_results_table_and_figure_from_its_records(uninterrupted):
     out, result, files = uninterrupted
     records = json.loads(files["records.json"])
-    assert records["runs_at_once"] == 3 and len(records["records"]) == 2 + 3 * 2
+    assert (records["runs_at_once"], records["stacking"], len(records["records"])) == (3, "stacked", 2 + 3 * 2)
     assert records["settings"]["paper_formulas"] is False
     layers = {r["regularizer"]: r["layer_regularize"] for r in records["records"].values()}
     assert layers == {"none": None, "tracenorm": "tracenorm_original", "distance": "distance",
