@@ -305,13 +305,17 @@ def replace_folder(staging, out_dir):
 
 
 def remove_dead_staging(out_dir):
-    """Staging and old folders beside out_dir left by killed conversions."""
+    """Clear what killed conversions left beside out_dir: their staging folders, and their
+    old folders -- put back as out_dir if the kill fell between the two renames of the swap."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     pattern = re.compile(r"^%s\.(staging|old)-(\d+)$" % re.escape(name))
     for entry in os.listdir(parent):
         match = pattern.match(entry)
         if match and not process_alive(int(match.group(2))):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            if match.group(1) == "old" and not os.path.exists(out_dir):
+                os.replace(os.path.join(parent, entry), out_dir)
+            else:
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
 def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):

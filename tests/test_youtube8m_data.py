@@ -411,3 +411,17 @@ def test_own_data_any_tasks_and_width_with_bad_values_named(tmp_path):
     json.dump({"tasks": list("abc")}, open(os.path.join(root, "tasks.json"), "w"))
     with pytest.raises(UserError, match=r"tasks\.json lists 3 tasks, but the folder holds train_task_0\.\.4\.hdf5"):
         read_data_folder(root)
+
+
+def test_conversion_killed_inside_the_swap_gets_the_old_folder_back(raw, tmp_path):
+    raw, files = raw
+    out = str(tmp_path / "out")
+    first = convert_raw(raw, out)
+    os.rename(out, out + ".old-4194305")              # killed between the swap's two renames
+    os.makedirs(out + ".staging-4194305")             # ... and its staging folder
+    data_folder_was = first["manifest"]["conversion"]
+    from Youtube8M.data import remove_dead_staging
+    remove_dead_staging(out)
+    assert sorted(os.listdir(tmp_path)) == ["out", "raw"]
+    assert json.load(open(os.path.join(out, "tasks.json")))["manifest"]["conversion"] == data_folder_was
+    assert read_data_folder(out).verified
