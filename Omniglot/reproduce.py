@@ -279,10 +279,10 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
     (train, test) OmniglotData to reuse; `setup_hook(trainer)`: handlers for tests."""
     start = time.monotonic()
     device = device or resolve_device(args.device)
-    train_data, test_data = data or load_data(args.data_root, device, args.split_seed, args.alphabets)
     specs = run_specs(args)
-    store = open_records(args, run_settings(args))
+    store = open_records(args, run_settings(args))      # refuse other settings before any work
     records = store["records"]
+    train_data, test_data = data or load_data(args.data_root, device, args.split_seed, args.alphabets)
     at_once = args.runs_at_once or store["runs_at_once"] or default_runs_at_once(
         device, len(specs), args.batch * train_data.num_tasks)
     stacking = args.stacking or store.get("stacking") or default_stacking(device)

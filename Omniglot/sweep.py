@@ -265,6 +265,8 @@ def train_runs(specs, args, data, device, runs_at_once, records, on_record, stat
             continue
         train_group(group, args, data, device, state_path, save_every, on_round, on_best, on_record, stacking,
                     setup_hook, log)
+    if state_path and os.path.isfile(state_path):     # left by a kill after the last record of its group
+        os.remove(state_path)
 
 
 class Progress:

@@ -374,6 +374,7 @@ def test_reproduce_killed_by_a_signal_ends_as_an_uninterrupted_run(root, data, u
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+    stale = shutil.copy(state, str(tmp_path / "stale.pt"))
     lines = []
     args = reproduce.parse_args(["--data_root", root, "--results_dir", out, "--save_every", "0"] + REPRO)
     reproduce.reproduce(args, data=data, log=lines.append)
@@ -383,6 +384,10 @@ def test_reproduce_killed_by_a_signal_ends_as_an_uninterrupted_run(root, data, u
                                        r"accuracy \(%\) none \d+\.\d\d( \| \w+ 0\.3 \d+\.\d\d)*; "
                                        r"(at most \d+:\d\d:\d\d left|time left unknown yet)", line) for line in rounds), rounds
     assert contents(out) == uninterrupted[2]
+    # a training state left by a kill after the last record of its group: removed, nothing changes
+    shutil.copy(stale, state)
+    reproduce.reproduce(args, data=data, **QUIET)
+    assert not os.path.exists(state) and contents(out) == uninterrupted[2]
 
 
 def test_reproduce_continues_with_other_runs_and_refuses_other_settings(root, data, uninterrupted, tmp_path):
