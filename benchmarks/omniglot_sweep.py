@@ -141,14 +141,22 @@ def measure(device, args):
                                f"{free_memory(device) / 1e9:.0f} GB free")
             else:
                 configs.append(AtOnce(runs, stacking, classes, device, x, y, ids))
-    peaks = {}
+    peaks, fitting = {}, []
     for config in configs:
-        for _ in range(args.warmup):
-            config.step()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            timed(config.step, device)
-            peaks[config.label] = torch.cuda.max_memory_allocated(device)
+        try:
+            for _ in range(args.warmup):
+                config.step()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                timed(config.step, device)
+                peaks[config.label] = torch.cuda.max_memory_allocated(device)
+            fitting.append(config)
+        except torch.OutOfMemoryError:          # the estimate was too low: say so, go on with the others
+            skipped.append(f"{config.label}: skipped, out of memory")
+            config.net = config.opt = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    configs = fitting
     times = {config.label: [] for config in configs}
     for _ in range(args.repeats):
         for config in configs:
