@@ -55,10 +55,10 @@ def load_taan(checkpoint, data_path=None, hidden_feature=None, basis=None):
         differ = [f'--{k} {v} (the model has {config[k]})' for k, v in given.items() if v is not None and v != config[k]]
         if differ:
             raise UserError(f'{", ".join(differ)}: {config_path} describes the model; leave those flags out')
-    elif data_path is None and not os.path.isdir(DEFAULT_DATA_PATH):
+    elif data_path is None and hidden_feature is None and basis is None:
         raise UserError(f'{config_path} not found: it is written by Youtube8M/Trainer.py next to the best '
-                        'model and holds the settings needed to rebuild it (or give --data_path, '
-                        '--hidden_feature and --basis)')
+                        'model and holds the settings needed to rebuild it (for a checkpoint without it, give '
+                        '--hidden_feature and --basis, and --data_path for its tasks)')
     else:       # a checkpoint without our config (e.g. the original's): the flags and the data
         folder = read_data_folder(data_path or DEFAULT_DATA_PATH, ('train',))
         config = {k: ORIGINAL_DEFAULTS[k] if v is None else v for k, v in given.items()}
