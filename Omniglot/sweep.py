@@ -280,15 +280,10 @@ class Progress:
         self.clock = None
 
     def groups_waiting(self, running):
-        """Groups after the current one that still have an unrecorded run."""
-        count, seen = 0, False
-        for start in range(0, len(self.specs), self.runs_at_once):
-            keys = [spec.key for spec in self.specs[start:start + self.runs_at_once]]
-            if running & set(keys):
-                seen = True
-            elif seen and any(key not in self.records for key in keys):
-                count += 1
-        return count
+        """Groups with a run that is neither recorded nor running (those still to train)."""
+        return sum(any(spec.key not in self.records and spec.key not in running
+                       for spec in self.specs[start:start + self.runs_at_once])
+                   for start in range(0, len(self.specs), self.runs_at_once))
 
     def __call__(self, group, iteration):
         now = time.monotonic()
