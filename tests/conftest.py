@@ -18,6 +18,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def youtube8m_data(tmp_path_factory):
+    """Tiny built-in Youtube-8M data (800 train, 400 valid/test videos), made once per session."""
+    from Youtube8M.synthetic import ensure_builtin_data
+    path = str(tmp_path_factory.mktemp("yt8m"))
+    ensure_builtin_data(path, seed=0, num_train=800, num_valid=400, train_files=2, valid_files=2)
+    return path
+
+
 class Killed(Exception):
     """Raised by `kill_at` to simulate a run killed in the middle."""
 

@@ -9,16 +9,13 @@ import pytest
 from Training import UserError, count_parameters
 from Youtube8M import reproduce
 from Youtube8M.models import build_model
-from Youtube8M.synthetic import ensure_builtin_data
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('yt8m'))
-    ensure_builtin_data(path, seed=0, num_train=800, num_valid=400, train_files=2, valid_files=2)
-    return path
+def data(youtube8m_data):
+    return youtube8m_data
 
 
 def test_rows_follow_the_original_commands():

@@ -15,7 +15,6 @@ from Youtube8M import Trainer, Visualizer
 from conftest import Killed, kill_at
 from Youtube8M.data import TASKS
 from Youtube8M.models import build_model
-from Youtube8M.synthetic import ensure_builtin_data
 from Youtube8M.torch_loader import MultiTask_Dataloader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,10 +25,8 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('yt8m'))
-    ensure_builtin_data(path, seed=0, num_train=800, num_valid=400, train_files=2, valid_files=2)
-    return path
+def data(youtube8m_data):
+    return youtube8m_data
 
 
 @pytest.fixture(scope='module')
