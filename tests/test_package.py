@@ -122,6 +122,7 @@ ENTRY_POINTS = [
      'vocabulary file .*missing.* not found'),
     ('Youtube8M.synthetic', lambda p: ['--out', str(p), '--num_train', 'many'], "--num_train: invalid int value"),
     ('Youtube8M.run_builtin', lambda p: ['--models', 'ResNet'], "--models: invalid choice: 'ResNet'"),
+    ('Youtube8M.reproduce', lambda p: ['--data_path', missing(p)], 'data folder .*missing does not exist'),
     ('Omniglot.train', lambda p: ['--data_root', missing(p)], 'data folder .*missing does not exist'),
     ('Omniglot.Evaluation_TAAN', lambda p: ['--regularize', 'cosine', '--data_root', missing(p)],
      'data folder .*missing does not exist'),
@@ -131,6 +132,8 @@ ENTRY_POINTS = [
     ('Omniglot.dataTools', lambda p: ['--root', missing(p)], 'data folder .*missing does not exist'),
     ('Omniglot.synthetic', lambda p: ['--root', str(p), '--drawers', '100'], 'drawers must be in 1..99'),
     ('Omniglot.run_builtin', lambda p: ['--resume', '--out', str(p)], '--resume: no earlier job'),
+    ('Omniglot.reproduce', lambda p: ['--data_root', missing(p), '--results_dir', str(p / 'out')],
+     'data folder .*missing does not exist'),
     ('Documents.make_figures', lambda p: ['--out-dir', missing(p)], 'output folder .*missing does not exist'),
 ]
 
