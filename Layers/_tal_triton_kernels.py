@@ -15,7 +15,7 @@ def _bucket(s_ptr, M, a):
     return pos + tl.where(tl.load(s_ptr + pos) <= a, 1, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # M = 1 specialised crashes Triton 3.6's compiler
 def forward(a_ptr, task_ptr, s_ptr, A_ptr, S_ptr, out_ptr, k_ptr, N, M, pieces,
             KEEP: tl.constexpr, BLOCK: tl.constexpr):
     """out = relu(a) + S[t, k] - a A[t, k] for BLOCK elements of one row (task t); k kept if KEEP."""
@@ -34,7 +34,7 @@ def forward(a_ptr, task_ptr, s_ptr, A_ptr, S_ptr, out_ptr, k_ptr, N, M, pieces,
         tl.store(k_ptr + offs, k.to(tl.uint8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])   # M = 1 specialised crashes Triton 3.6's compiler
 def backward(g_ptr, a_ptr, k_ptr, task_ptr, s_ptr, A_ptr, grad_ptr, sums_ptr,
              N, M, T, pieces, chunk,
              KEEP: tl.constexpr, NEED_GRAD: tl.constexpr, BLOCK: tl.constexpr, BINS: tl.constexpr):

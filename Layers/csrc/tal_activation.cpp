@@ -330,7 +330,7 @@ std::vector<torch::Tensor> tal_backward(torch::Tensor g, torch::Tensor z, torch:
       }
     });
   });
-  auto sums = partial.sum({0, 1}).permute({2, 0, 1}).contiguous();   // [2, T, K]
+  auto sums = partial.sum(std::vector<int64_t>{0, 1}).permute({2, 0, 1}).contiguous();   // [2, T, K]
   return {grad_a, sums, per_channel.sum(0)};
 }
 
