@@ -33,8 +33,18 @@ class TaskSpec:
 
 
 def _check_range(ids, num_tasks):
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_tasks):
-        raise IndexError(f"task id out of range: got ids in [{int(ids.min())}, {int(ids.max())}], "
+    """Every id in 0..num_tasks-1. On the CPU at once (IndexError); on a GPU without waiting
+    for it, as PyTorch checks its own indices there: reading the ids back would stall the
+    device's queue at every layer call, so a bad id stops the run at its next
+    synchronisation with a device-side assert instead."""
+    if not ids.numel():
+        return
+    if ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all())
+        return
+    lo, hi = torch.aminmax(ids)
+    if lo < 0 or hi >= num_tasks:
+        raise IndexError(f"task id out of range: got ids in [{int(lo)}, {int(hi)}], "
                          f"but this layer was built for {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
 
 

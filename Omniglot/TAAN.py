@@ -55,8 +55,11 @@ def check_task_ids(task_ids, num_tasks):
     if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"task ids must be a 1-D LongTensor (one id per image), got {task_ids.dtype} "
                          f"of shape {tuple(task_ids.shape)}")
-    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= num_tasks):
-        raise ValueError(f"task id out of range: got ids in [{int(task_ids.min())}, {int(task_ids.max())}], "
+    if not task_ids.numel():
+        return
+    lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()          # one read-back from a GPU, not two
+    if lo < 0 or hi >= num_tasks:
+        raise ValueError(f"task id out of range: got ids in [{lo}, {hi}], "
                          f"but the network has {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
 
 

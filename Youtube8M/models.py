@@ -52,8 +52,8 @@ def concat_tasks(xs):
     """Concatenate the tasks' batches: returns x [N, in], task_ids [N] (long), sizes."""
     sizes = [x.shape[0] for x in xs]
     x = torch.cat(list(xs), dim=0)
-    task_ids = torch.repeat_interleave(torch.arange(len(xs), device=x.device),
-                                       torch.tensor(sizes, device=x.device))
+    # made on the CPU and copied without waiting: a list copied to a GPU would stall its queue
+    task_ids = torch.repeat_interleave(torch.arange(len(xs)), torch.tensor(sizes)).to(x.device, non_blocking=True)
     return x, task_ids, sizes
 
 
@@ -346,7 +346,7 @@ class CrossStitch(MultiTaskModel):
         self.check_inputs(xs)
         self.normalize_stitch()
         x, task_ids, sizes = concat_tasks(xs)
-        T, N = self.tasks, x.shape[0]
+        T = self.tasks
         h = x                                          # [N, in], shared by all columns
         for layer, A in zip(self.columns[:2], self.stitch[:2]):
             g = F.relu(layer(h))                       # [T, N, H]

@@ -6,11 +6,13 @@ without a CUDA device (benchmarks/cuda_check.sh runs these on a GPU machine). Fl
 with TF32 turned off so that the GPU's matrix products round like the CPU's.
 """
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from Layers import _tal_kernel
+from Layers import TAL_Conv2d, TAL_Linear, _tal_kernel
 from Omniglot.TAAN import IMAGE_SIZE, MODELS as OMNIGLOT_MODELS, build_model as build_omniglot
 from Youtube8M.models import MODELS as YOUTUBE8M_MODELS, build_model as build_youtube8m, multitask_loss
 
@@ -84,3 +86,32 @@ def test_omniglot_model_cuda_matches_cpu(name):
 def test_cuda_runs_the_triton_kernel_when_triton_is_installed():
     pytest.importorskip("triton", reason="triton is not installed: CUDA runs the PyTorch path")
     assert _tal_kernel.backend_for(torch.zeros(1, device="cuda"), 64) == "triton"
+
+
+def test_tal_layers_never_wait_for_the_gpu():
+    """Forward and backward of both TAL layers, and a Youtube-8M TAAN step's forward and
+    backward, queue their work without reading anything back: the GPU never idles on them."""
+    g = torch.Generator().manual_seed(3)
+    linear, conv = TAL_Linear(8, 6, 5, 3).to("cuda"), TAL_Conv2d(2, 4, 3, 5, 3).to("cuda")
+    ids = torch.tensor([0, 1, 2, 0, 1, 2, 0], device="cuda")
+    x, img = torch.randn(7, 8, generator=g).to("cuda"), torch.randn(7, 2, 6, 6, generator=g).to("cuda")
+    model = build_youtube8m("TAAN", 20, 16, YT_CLASSES, basis=8, regularize="distance").to("cuda")
+    xs = [torch.randn(b, 20, generator=g).to("cuda") for b in YT_SIZES]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (linear(x, ids, per_row=True).sum() + conv(img, ids, per_row=True).sum()).backward()
+        (sum(z.sum() for z in model(xs)) + model.regularization(1.0)).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_bad_task_id_on_cuda_stops_the_run_at_the_next_synchronisation():
+    """On CUDA the ids are checked on the device (no read-back): a bad one fails the device's
+    assertion kernel, as PyTorch's own indexing does there, instead of a silent wrong read."""
+    code = ("import torch; from Layers import TAL_Linear; "
+            "layer = TAL_Linear(4, 3, 5, 2).to('cuda'); "
+            "layer(torch.randn(3, 4, device='cuda'), torch.tensor([0, 1, 2], device='cuda'), per_row=True); "
+            "torch.cuda.synchronize()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "_assert_async_cuda_kernel" in done.stderr, done.stderr[-2000:]
