@@ -53,9 +53,9 @@ def add_sweep_arguments(p):
     p.add_argument("--runs_at_once", type=int, default=None,
                    help="runs trained at once (default: all on CUDA, as many as fit; 1 on the CPU)")
     p.add_argument("--stacking", choices=STACKINGS, default=None,
-                   help="how the runs at once are computed: stacked (one batched network; the CUDA default), "
-                        "separate (their own networks one after another, each bit for bit as train.py; the CPU "
-                        "default) or union (stacked, all activations in one kernel call)")
+                   help="how the runs at once are computed: stacked (one batched network), separate (their own "
+                        "networks one after another, each bit for bit as train.py; the CPU default) or union "
+                        "(stacked, all activations in one kernel call; the CUDA default)")
     p.add_argument("--save_every", type=float, default=300.0,
                    help="seconds between saves of the training state, for resuming (default 300; "
                         "0: after every evaluation)")
@@ -201,7 +201,8 @@ def run_sweep(args, data=None, device=None, log=print, setup_hook=None):
         atomic_write_json(sweep_file, sweep)
     before = set(records)
     train_data, test_data = data
-    at_once = args.runs_at_once or default_runs_at_once(device, len(specs), args.batch * train_data.num_tasks)
+    at_once = args.runs_at_once or default_runs_at_once(device, len(specs), args.batch * train_data.num_tasks,
+                                                        args.stacking)
     print(f"Omniglot sweep: regulariser {reg}, {train_data.num_tasks} alphabets, {len(train_data)} train / "
           f"{len(test_data)} test images, device {device}, {at_once} run(s) at once; results -> {path}")
     if records:

@@ -5,9 +5,10 @@ the run of `Omniglot/train.py` with those settings (same initialisation from its
 batches, same loss, same evaluations, same early stopping). `train_runs` cuts the list, in
 its order, into groups of `runs_at_once` runs and trains each group at once (`RunGroup`):
 one Ignite engine whose step makes one iteration of every run of the group, through one
-batched `TAANStack` with one Adam over the stacked parameters ('stacked', the CUDA default),
-or through the runs' own TAAN networks and optimizers one after another ('separate', the CPU
-default: bit for bit what train.py computes). Each run keeps its own seed, initialisation,
+batched `TAANStack` with one Adam over the stacked parameters ('stacked', or 'union' with all
+runs' activations in one kernel call: the CUDA default), or through the runs' own TAAN
+networks and optimizers one after another ('separate', the CPU default: bit for bit what
+train.py computes). Each run keeps its own seed, initialisation,
 batch order (its own `TrainSampler`), lambda, regulariser, Adam state and early stopping
 (its own Ignite `EarlyStopping`); a run that stops leaves the group at that evaluation, and
 the group goes on without it.
@@ -60,16 +61,22 @@ class RunSpec:
         return f"{self.regularizer}/{self.lam:g}/{self.repeat + 1}"
 
 
-def default_runs_at_once(device, runs, images_per_step):
-    """All runs at once on CUDA, as many as fit in 70% of the free memory (2 MB per training
-    image of one run: the peak memory of a float32 step measured on the CPU); one at a time
-    on the CPU, where stacked runs measured slower than the same runs one by one (grouped
-    convolutions: 2 runs stacked took 3.6x one run's step)."""
+# Peak memory of a float32 training step per image of one run, by stacking (65 runs at once
+# on an H200, rounded up): 'union' holds its activations twice over.
+BYTES_PER_IMAGE_RUN = {"separate": 2.2e6, "stacked": 2.2e6, "union": 3.8e6}
+
+
+def default_runs_at_once(device, runs, images_per_step, stacking=None):
+    """All runs at once on CUDA, as many as fit in 70% of the free memory (BYTES_PER_IMAGE_RUN
+    of `stacking`, default the device's); one at a time on the CPU, where stacked runs measured
+    slower than the same runs one by one (grouped convolutions: 2 runs stacked took 3.6x one
+    run's step)."""
     device = torch.device(device)
     if device.type != "cuda":
         return 1
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(runs, int(0.7 * free / (2e6 * images_per_step))))
+    per_run = BYTES_PER_IMAGE_RUN[stacking or default_stacking(device)] * images_per_step
+    return max(1, min(runs, int(0.7 * free / per_run)))
 
 
 class RunAccuracies(Metric):

@@ -201,6 +201,24 @@ def test_runs_trained_at_once_equal_the_same_runs_trained_one_by_one(root, data,
     assert len({record["best_acc"] for record, _ in got.values()}) > 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stacking", ["stacked", "union"])
+def test_runs_trained_at_once_on_cuda_equal_the_cpu_runs_one_by_one(root, one_by_one, stacking):
+    """The CUDA default (all runs stacked, TAL on the Triton kernels when triton is there)
+    trains the same runs as train.py on the CPU: float64, the same histories, weights within 1e-9
+    (the GPU's atomics add in another order)."""
+    cuda = torch.device("cuda")
+    args = trainer.build_parser().parse_args(["--data_root", root] + EXACT + ["--device", "cuda"])
+    got = {}
+    train_runs(SPECS, args, trainer.load_data(root, cuda), cuda, len(SPECS), {},
+               lambda spec, record, state: got.__setitem__(spec.key, (record, state())), stacking=stacking, **QUIET)
+    for spec in SPECS:
+        (result, final), (record, state) = one_by_one[spec.key], got[spec.key]
+        assert record["history"] == [list(point) for point in result["history"]]
+        worst = max((state[k].double().cpu() - final[k].double()).abs().max().item() for k in final)
+        assert worst < 1e-9, (spec.key, worst)
+
+
 def test_separate_runs_at_once_are_train_py_bit_for_bit_in_float32(root, data, tmp_path):
     float32 = ["--dtype", "float32", "--num_iter", "12"]
     got = trained_at_once(root, data, "separate", SPECS[:2], float32)
@@ -216,7 +234,7 @@ def test_separate_runs_at_once_are_train_py_bit_for_bit_in_float32(root, data, t
 
 def test_default_runs_at_once_and_stacking_on_the_cpu():
     assert default_runs_at_once(torch.device("cpu"), 65, 250) == 1
-    assert default_stacking(torch.device("cpu")) == "separate" and default_stacking("cuda:0") == "stacked"
+    assert default_stacking(torch.device("cpu")) == "separate" and default_stacking("cuda:0") == "union"
 
 
 # ------------------------------------------------------------------------------- Evaluation_TAAN
