@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of TAAN on one CUDA device (sized for an H200: about 5 minutes, at most 8).
+# GPU check of TAAN on one CUDA device (sized for an H200: about 6 minutes, at most 8).
 #
 #   bash benchmarks/cuda_check.sh [WHEEL_DIR]
 #
@@ -8,14 +8,19 @@
 # (default: the first of gpu/wheels, .whl, shared/device/wheels that exists; a folder of the
 # checkout that .git/info/exclude ignores). Everything printed also goes to $OUT/cuda_check.log
 # ($OUT defaults to /tmp/cuda_check):
-#   1. the CUDA tests: Triton kernels against the naive formula (float32, float64), gradcheck
-#      in float64, every model's outputs and gradients CPU against CUDA;
-#   2. benchmarks/layers.py, youtube8m_step.py and omniglot_step.py with --device cuda;
-#   3. the main job for 2 epochs on CUDA (python -m Youtube8M.run_builtin).
+#   1. benchmarks/layers.py, youtube8m_step.py (without DMTRL Tucker and TT, whose factors take
+#      minutes to build on the CPU) and omniglot_step.py with --device cuda, and
+#      benchmarks/cuda_profile.py (launch cost against kernel time, CUDA graphs, profiles);
+#   2. the CUDA tests: Triton kernels against the naive formula (float32, float64), gradcheck
+#      in float64, every model's outputs and gradients CPU against CUDA, Omniglot runs stacked
+#      on CUDA against the same runs one by one on the CPU;
+#   3. the main job for 2 epochs on CUDA (python -m Youtube8M.run_builtin);
+#   4. benchmarks/omniglot_sweep.py on CUDA: runs at once, and the whole figure's time projected;
+#   5. python -m Omniglot.reproduce --preset quick on CUDA (synthetic alphabets), its table.
 # Each step has a time limit, cut so that the whole script ends within BUDGET_S seconds.
 set -u
 cd "$(dirname "$0")/.."
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-480}
 start=$(date +%s)
 out=${OUT:-/tmp/cuda_check}
 mkdir -p "$out"
@@ -55,14 +60,22 @@ timeout 240 python3 -c "from Layers._tal_kernel import _load_extension; print('C
   > "$out/cpp_build.log" 2>&1 &
 build=$!
 
-step "TAL_Linear on CUDA (benchmarks/layers.py)" 90 python3 benchmarks/layers.py --device cuda
-step "Youtube-8M step on CUDA" 120 python3 benchmarks/youtube8m_step.py --device cuda --repeats 3
-step "Omniglot iteration on CUDA" 60 python3 benchmarks/omniglot_step.py --device cuda
+step "TAL_Linear on CUDA (benchmarks/layers.py)" 60 python3 benchmarks/layers.py --device cuda
+step "Youtube-8M step on CUDA" 75 python3 benchmarks/youtube8m_step.py --device cuda --repeats 3 \
+  --models STL MRN SoftOrder DMTRL-LAF CrossStitch MMoE TAAN
+step "Omniglot iteration on CUDA" 45 python3 benchmarks/omniglot_step.py --device cuda
+step "Where the time goes (benchmarks/cuda_profile.py)" 60 python3 benchmarks/cuda_profile.py
 wait "$build"      # (a plain `wait` would also wait for the tee above, forever)
 cat "$out/cpp_build.log"
-step "CUDA tests" 150 python3 -m pytest -q -p no:cacheprovider -rs tests \
+step "CUDA tests" 120 python3 -m pytest -q -p no:cacheprovider -rs tests \
   -k "(cuda or gpu or device or triton) and not interpreter_mode"
-step "main job, 2 epochs on CUDA" 120 python3 -m Youtube8M.run_builtin --max_epoch 2 --device cuda \
-  --out /tmp/taan_builtin
+step "main job, 2 epochs on CUDA" 60 python3 -m Youtube8M.run_builtin --max_epoch 2 --device cuda \
+  --data_path /tmp/taan_builtin_data --out /tmp/taan_builtin
+step "Omniglot runs at once on CUDA (benchmarks/omniglot_sweep.py)" 90 python3 benchmarks/omniglot_sweep.py \
+  --devices cuda --runs 1 5 13 65 --repeats 3 --warmup 2
+python3 -m Omniglot.synthetic --root /tmp/omniglot_synthetic > /dev/null
+step "Omniglot figure, quick preset, on CUDA" 90 python3 -m Omniglot.reproduce --preset quick --device cuda \
+  --data_root /tmp/omniglot_synthetic --results_dir /tmp/omniglot_quick
+cat /tmp/omniglot_quick/table.md 2>/dev/null
 echo; echo "== done in $(( $(date +%s) - start )) s, status $status"
 exit $status

@@ -4,7 +4,8 @@
 
 Shape of the issue: 1024 -> 1024 features, 16 tasks, 4096 rows (256 per task) in the
 per-row task mode. Times are the minimum over repeats, with the methods interleaved in
-every repeat so that load on the machine hits them alike; ratios are taken within this run.
+every repeat so that load on the machine hits them alike (on CUDA each over several calls
+queued back to back, see benchmarks/_timing.py); ratios are taken within this run.
 Peak memory is what one forward+backward adds on top of the inputs and parameters:
 on CUDA `torch.cuda.max_memory_allocated`; on the CPU the high-water resident set of a
 child process (glibc told to return every large block at once, so that resident memory
@@ -13,12 +14,12 @@ follows the live tensors).
 import argparse
 import json
 import os
-import time
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from _peak import reset_peak, resident, run_child  # noqa: E402  (benchmarks/_peak.py)
+from _timing import CUDA_CALLS, sync, timed  # noqa: E402  (benchmarks/_timing.py)
 from Layers import TAL_Linear  # noqa: E402
 from Layers._tal_kernel import backend_for, tal_activation_naive  # noqa: E402
 
@@ -49,11 +50,6 @@ def setup(method, basis, device):
     return step
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def set_backend(method):
     os.environ["TAAN_TAL_BACKEND"] = "torch" if method == "tal[torch]" else "auto"
 
@@ -70,11 +66,7 @@ def time_all(basis, device, repeats):
             if m == "naive" and basis > 64 and r > 0:
                 continue                                      # gigabytes per call: once is enough
             set_backend(m)
-            sync(device)
-            t0 = time.perf_counter()
-            steps[m]()
-            sync(device)
-            best[m] = min(best[m], time.perf_counter() - t0)
+            best[m] = min(best[m], timed(steps[m], device, 1 if m == "naive" else CUDA_CALLS))
     return best
 
 

@@ -6,7 +6,8 @@ forward pass, the mean over tasks of the per-task cross-entropy (+ lambda * the 
 regulariser for TAAN), backward, and one Adam step (heads at 50x lr, weight decay 0.005).
 Every network gets two warm-up steps; then the networks are timed in --repeats
 interleaved rounds and each keeps its fastest step (the one least disturbed by other load
-on the machine). Ratios are to the hard-sharing network measured in the same run.
+on the machine); on CUDA a step is timed over several queued back to back (see
+benchmarks/_timing.py). Ratios are to the hard-sharing network measured in the same run.
 
 A second table times the shared trunk alone (the four conv + batch norm + activation +
 pooling blocks and the dense layer, everything but the heads; forward and backward of a
@@ -15,13 +16,12 @@ fixed gradient): TAL activations with per-row tasks against the same trunk with 
     python benchmarks/omniglot_step.py [--device cpu] [--repeats 5] [--tasks 50 --batch 5]
 """
 import argparse
-import os
-import sys
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from _timing import timed  # benchmarks/_timing.py
 
 from Layers._tal_kernel import backend_for
 from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
@@ -31,11 +31,6 @@ VARIANTS = [("hard", "hard", {}, 0.0, None),
             ("TAAN", "taan", {"basis": 32, "regularize": "distance"}, 0.1, 1.3),
             ("STL", "stl", {}, 0.0, None)]
 TRUNK_TARGET = 1.1     # TAL trunk / ReLU trunk, forward + backward
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_step(model, opt, x, y, ids, lam):
@@ -60,19 +55,11 @@ def trunk(model, x, ids):
 
 def timed_trunk(model, x, ids, grad, device):
     model.train()
-    sync(device)
-    t0 = time.perf_counter()
-    trunk(model, x, ids).backward(grad)
-    sync(device)
-    return time.perf_counter() - t0
+    return timed(lambda: trunk(model, x, ids).backward(grad), device)
 
 
 def timed_step(model, opt, x, y, ids, lam, device):
-    sync(device)
-    t0 = time.perf_counter()
-    train_step(model, opt, x, y, ids, lam)
-    sync(device)
-    return time.perf_counter() - t0
+    return timed(lambda: train_step(model, opt, x, y, ids, lam), device)
 
 
 def main(argv=None):

@@ -9,8 +9,8 @@ cycle through the figure's regularisers distance / none / tracenorm / cosine), f
 call) or separate (the runs' own networks one after another). On every device the
 configurations are stepped in interleaved rounds after warm-up steps, and each keeps its
 fastest step (the one least disturbed by other load). A configuration that would not fit in
-memory (2 MB per image per run, measured; R runs at once hold R runs' activations until the
-backward, whatever the stacking) is skipped and says so.
+memory (Omniglot.sweep.BYTES_PER_IMAGE_RUN per image per run, measured; R runs at once hold
+R runs' activations until the backward, whatever the stacking) is skipped and says so.
 
 For one at a time and for the fastest configuration on a device, the time of the paper's
 whole figure is projected: ceil(65 / R) groups x (15000 iterations + 151 tests of every run
@@ -22,24 +22,20 @@ upper bound: runs that stop early leave their group.
 """
 import argparse
 import math
-import time
 
 import numpy as np
 import torch
 
+from _timing import timed  # benchmarks/_timing.py
+
 from Layers._tal_kernel import backend_for
 from Omniglot.stack import STACKINGS, build_runs
+from Omniglot.sweep import BYTES_PER_IMAGE_RUN
 from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
 
 FIGURE_RUNS, FIGURE_ITERATIONS, TEST_EVERY, TEST_IMAGES = 65, 15000, 100, 3200
-BYTES_PER_IMAGE_RUN = 2e6           # peak memory of a float32 step per image of one run (CPU, measured)
 # run r's regulariser and lambda; run 0 is the one-at-a-time network's (distance, 0.2)
 RUN_KINDS = [("distance", 0.2), (None, 0.0), ("tracenorm_original", 0.1), ("cosine_original", 0.3)]
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def free_memory(device):
@@ -104,14 +100,6 @@ class AtOnce(Configuration):
         self.net.run_correct(x, y, ids)
 
 
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
 def test_time(config, device, per_task, tasks):
     """Seconds to test every run of `config` on TEST_IMAGES images (steps of per_task images of every alphabet)."""
     step_images = per_task * tasks
@@ -119,7 +107,7 @@ def test_time(config, device, per_task, tasks):
     ids = torch.arange(tasks, device=device).repeat_interleave(per_task)
     y = torch.zeros(step_images, dtype=torch.long, device=device)
     config.test(x, y, ids)
-    return timed(lambda: config.test(x, y, ids), device) * TEST_IMAGES / step_images
+    return timed(lambda: config.test(x, y, ids), device, calls=1) * TEST_IMAGES / step_images
 
 
 def measure(device, args):
@@ -134,8 +122,8 @@ def measure(device, args):
     stackings = args.stacking or (["stacked", "union", "separate"] if device.type == "cuda" else ["separate", "stacked"])
     configs, skipped = [OneAtATime(classes, device, x, y, ids)], []
     for runs in args.runs:
-        need = BYTES_PER_IMAGE_RUN * images * runs * (2 if device.type == "cpu" else 1)   # CPU: keep half free
         for stacking in stackings:          # every way keeps all R runs' activations until the backward
+            need = BYTES_PER_IMAGE_RUN[stacking] * images * runs * (2 if device.type == "cpu" else 1)  # CPU: half free
             if need > free_memory(device):
                 skipped.append(f"{runs} at once ({stacking}): skipped, needs about {need / 1e9:.0f} GB, "
                                f"{free_memory(device) / 1e9:.0f} GB free")
@@ -148,7 +136,7 @@ def measure(device, args):
                 config.step()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-                timed(config.step, device)
+                timed(config.step, device, calls=1)
                 peaks[config.label] = torch.cuda.max_memory_allocated(device)
             fitting.append(config)
         except torch.OutOfMemoryError:          # the estimate was too low: say so, go on with the others
@@ -160,7 +148,7 @@ def measure(device, args):
     times = {config.label: [] for config in configs}
     for _ in range(args.repeats):
         for config in configs:
-            times[config.label].append(timed(config.step, device))
+            times[config.label].append(timed(config.step, device, calls=1))
     best = {k: min(v) for k, v in times.items()}
     fastest = max(configs[1:] or configs, key=lambda c: c.runs / best[c.label])
     tests = {config.label: test_time(config, device, 10, tasks) for config in (configs[0], fastest)}
@@ -172,7 +160,7 @@ def report(device, configs, best, peaks, tests, skipped, args):
     probe = torch.zeros(1, device=device)
     print(f"\nOmniglot runs at once on {device} ({name}), TAL backend {backend_for(probe, 32)}: {args.tasks} alphabets "
           f"x {args.batch} images per run-iteration, fastest of {args.repeats} interleaved repeats after "
-          f"{args.warmup} warm-up steps")
+          f"{args.warmup} warm-up steps" + (", cuDNN benchmark mode" if args.cudnn_benchmark else ""))
     base = best[configs[0].label]
     print(f"{'configuration':26s} {'s/iteration':>11s} {'run-iter/s':>10s} {'vs one at a time':>17s}"
           + ("  peak memory" if peaks else ""))
@@ -204,7 +192,10 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    p.add_argument("--cudnn_benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms for these shapes and keep the fastest")
     args = p.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

@@ -5,7 +5,8 @@ backward, Adam step (lr 1e-4, weight decay 0.005; fused=True, which on the CPU t
 1/7 of the default implementation's time), as the trainer does it. Each model gets
 one warm-up step (so Adam's state exists and any kernel is loaded/compiled); then all
 models are timed in --repeats interleaved rounds and each keeps its fastest step (the one
-least disturbed by other load on the machine). Ratios are to Hard3 measured in the same run.
+least disturbed by other load on the machine); on CUDA a step is timed over several queued
+back to back (see benchmarks/_timing.py). Ratios are to Hard3 measured in the same run.
 
 Memory is the peak over one step of everything the model needs: weights, gradients, Adam
 state, activations and temporaries.
@@ -31,6 +32,7 @@ import time
 import torch
 
 from _peak import reset_peak, resident, run_child  # benchmarks/_peak.py
+from _timing import sync, timed  # benchmarks/_timing.py
 
 from Youtube8M.models import DMTRL, MRN, build_model, multitask_loss
 
@@ -48,11 +50,6 @@ VARIANTS = [
     ('TAAN', 'TAAN', {'regularize': 'distance'}, 1.0, 1.10, 1.2),
 ]
 CUDA_TARGETS = {'TAAN': (1.15, None)}   # (time, memory) where the GPU targets differ
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def train_step(model, opt, xs, ys, c):
@@ -118,11 +115,7 @@ def step_memory(label, model, opt, xs, ys, c, device, args):
 
 
 def timed_step(model, opt, xs, ys, c, device):
-    sync(device)
-    t0 = time.perf_counter()
-    train_step(model, opt, xs, ys, c)
-    sync(device)
-    return time.perf_counter() - t0
+    return timed(lambda: train_step(model, opt, xs, ys, c), device)
 
 
 def main():
