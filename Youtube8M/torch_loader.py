@@ -30,7 +30,6 @@ Data: DEFAULT_DATA_PATH is data/youtube8m under the project's home folder (the c
 $TAAN_HOME; see Training.runtime.project_home), where `python -m Youtube8M.synthetic` writes
 by default.
 """
-import os
 import queue
 import threading
 

@@ -106,7 +106,7 @@ def test_tt_initial_cores_within_scipy_precision(float64):
     p = params(layer)
     r1, r2 = layer.ranks
     assert p['U_0'].shape == (1, 12, r1) and p['U_1'].shape == (r1, 10, r2) and p['U_2'].shape == (r2, 6, 1)
-    steps, C, residual_sq, bound_sq = [], W0.reshape(12, -1), 0.0, 0.0
+    C, residual_sq, bound_sq = W0.reshape(12, -1), 0.0, 0.0
     for n, r in enumerate((r1, r2)):                  # replay the two sequential SVD steps
         U = p[f'U_{n}'].reshape(-1, r)
         np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-12)
