@@ -366,7 +366,8 @@ class TALBatchNormActivation(torch.autograd.Function):
 
 def fused_batchnorm_applies(z, bn, num_basis):
     """Whether `tal_batchnorm_activation` can take z [R, C, H, W] and bn (the C++ kernel)."""
-    return type(bn) is torch.nn.BatchNorm2d and z.dim() == 4 and backend_for(z, num_basis) == "cpp"
+    return (type(bn) is torch.nn.BatchNorm2d and z.dim() == 4 and z.device.type == "cpu"
+            and backend_for(z, num_basis) == "cpp")
 
 
 def tal_batchnorm_activation(z, bn, alpha, basis, row_task):

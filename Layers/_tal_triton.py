@@ -21,6 +21,7 @@ set before Python starts), which is how the tests check it without a GPU. The ke
 themselves are in `Layers._tal_triton_kernels`, imported on first use; without the
 ``triton`` package this module only reports ``available() == False``.
 """
+import functools
 import importlib.util
 import os
 
@@ -32,8 +33,10 @@ CHUNK = 4096             # elements of a row per backward program
 DTYPES = (torch.float32, torch.float64)
 
 
+@functools.cache
 def available():
-    """Whether the triton package is installed (it is imported on first use only)."""
+    """Whether the triton package is installed (it is imported on first use only; asked once,
+    not at every layer call)."""
     return importlib.util.find_spec("triton") is not None
 
 
