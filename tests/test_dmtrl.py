@@ -151,6 +151,16 @@ def test_laf_equals_svd_truncation_when_pivoting_is_optimal():
     np.testing.assert_allclose(err, np.sqrt(0.5 ** 2 + 0.1 ** 2), rtol=1e-10)
 
 
+def test_a_rank_above_the_tensors_own_gives_finite_factors():
+    """LAF keeps rank 5 whatever the weights: on a rank-1 tensor with exact zeros the extra
+    singular values are 0 and the factors stay finite and exact (no 0 / 0)."""
+    A = np.zeros((4, 3, 6))
+    A[:, 0, 0] = [1.0, -2.0, 0.5, 3.0]
+    f = laf_decompose(A, 5)
+    assert np.isfinite(f['U']).all() and np.isfinite(f['V']).all()
+    np.testing.assert_allclose(f['U'] @ f['V'], A.reshape(12, 6), atol=1e-14)
+
+
 def test_laf_rank_capped_by_task_count(float64):
     W0 = initial_W0(4, (3, 2, 3))
     layer = build(DMTRL_Linear, 4, 3, 2, 3, method='LAF')
