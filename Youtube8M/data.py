@@ -46,15 +46,15 @@ import shutil
 import struct
 import uuid
 
-import crc32c
 import h5py
 import numpy as np
 from tfrecord import example_pb2
+from tfrecord.writer import TFRecordWriter
 from tqdm import tqdm
 
 from Training import ArgumentParser, UserError, atomic_write_json, default_path, entry_point
 from Training.atomic import process_alive
-from Youtube8M.datafolder import SPLITS, task_file
+from Youtube8M.datafolder import SPLITS, TASK_FILE, task_file
 
 TASKS = [
     "Arts & Entertainment", "Games", "Autos & Vehicles", "Sports",
@@ -153,10 +153,7 @@ def _float_feature(feature, key, size, where):
     return values
 
 
-def _masked_crc(data):
-    """The masked CRC-32C that TFRecord files store with each length and payload."""
-    crc = crc32c.crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+masked_crc = TFRecordWriter.masked_crc   # the 4 bytes of masked CRC-32C stored after a length and a payload
 
 
 def read_tfrecord(path):
@@ -175,13 +172,13 @@ def read_tfrecord(path):
                 return
             if len(header) < 12:
                 raise damaged(n, "is cut short inside its length field")
-            length, length_crc = struct.unpack("<QI", header)
-            if _masked_crc(header[:8]) != length_crc:
+            length = struct.unpack("<Q", header[:8])[0]
+            if masked_crc(header[:8]) != header[8:]:
                 raise damaged(n, "has a length field that fails its checksum")
             data, footer = f.read(length), f.read(4)
             if len(data) < length or len(footer) < 4:
                 raise damaged(n, "is cut short (the file ends inside it)")
-            if _masked_crc(data) != struct.unpack("<I", footer)[0]:
+            if masked_crc(data) != footer:
                 raise damaged(n, "fails its data checksum")
             yield data
             n += 1
@@ -276,9 +273,6 @@ def convert_split(files, split, vocabulary, out_dir, conversion):
         return [w.count + w.filled for w in writers], videos
 
 
-OUR_FILE = re.compile(r"^(tasks\.json|(train|valid|test)_task_\d+\.hdf5)$")
-
-
 def check_output_folder(out_dir):
     """UserError if out_dir holds anything but a conversion (and raw/, kept as it is)."""
     if not os.path.isdir(out_dir):
@@ -286,7 +280,7 @@ def check_output_folder(out_dir):
             raise UserError("--out %s is a file, not a folder" % out_dir)
         return
     foreign = sorted(e for e in os.listdir(out_dir)
-                     if not OUR_FILE.match(e) and e != "raw" and not e.startswith("."))
+                     if not (TASK_FILE.match(e) or e in ("tasks.json", "raw") or e.startswith(".")))
     if foreign:
         raise UserError("--out %s holds files that a conversion did not write (%s): a conversion replaces "
                         "the whole folder, so convert into an empty folder or one a conversion wrote"
@@ -305,10 +299,11 @@ def replace_folder(staging, out_dir):
 
 
 def remove_dead_staging(out_dir):
-    """Clear what killed conversions left beside out_dir: their staging folders, and their
-    old folders -- put back as out_dir if the kill fell between the two renames of the swap."""
+    """Clear what killed conversions left beside out_dir: their staging folders, the raw
+    TFRecords of killed synthetic-data runs, and their old folders -- put back as out_dir if
+    the kill fell between the two renames of the swap."""
     parent, name = os.path.split(os.path.abspath(out_dir))
-    pattern = re.compile(r"^%s\.(staging|old)-(\d+)$" % re.escape(name))
+    pattern = re.compile(r"^%s\.(staging|old|raw)-(\d+)$" % re.escape(name))
     for entry in os.listdir(parent):
         match = pattern.match(entry)
         if match and not process_alive(int(match.group(2))):

@@ -14,7 +14,7 @@ The converter adds a manifest to tasks.json -- a conversion id that every one of
 files carries as the attribute `conversion`, and each file's rows and size -- and writes
 tasks.json last, into a staging folder that replaces the old folder as a whole. A folder
 with a manifest is verified against it before use, so a folder mixing files of two
-conversions, or a file changed since, is refused. A folder without one (your own files) is
+conversions, or a file replaced or resized since, is refused. A folder without one (your own files) is
 checked once per file when it is loaded: finite features, labels 0 or 1.
 """
 import json
@@ -32,6 +32,9 @@ LAYOUT = ("a data folder holds {split}_task_{t}.hdf5 for the splits train, valid
           "t = 0..T-1, each with the datasets features (float32 [N, D]) and labels (0/1 [N, C_t]) and the "
           "attribute num_classes = C_t; tasks.json with the task names is optional")
 CHECK_ROWS = 65536          # rows per read when a file's values are checked
+
+
+TASK_FILE = re.compile(r"^(train|valid|test)_task_(\d+)\.hdf5$")     # the name task_file gives
 
 
 def task_file(data_dir, split, task):
@@ -153,12 +156,8 @@ def read_data_folder(path, splits=SPLITS):
     tasks.json (else "task t"). With a manifest, every task file is verified against it."""
     if not os.path.isdir(path):
         raise UserError("data folder %s does not exist; %s" % (path, how_to_create(path)))
-    T = 0
-    while os.path.isfile(task_file(path, "train", T)):
-        T += 1
-    numbers = [int(m.group(1)) for m in map(re.compile(r"^(?:train|valid|test)_task_(\d+)\.hdf5$").match,
-                                             os.listdir(path)) if m]
-    T = max([T - 1] + numbers) + 1          # the files must be numbered 0..T-1 in every split
+    numbers = [int(m.group(2)) for m in map(TASK_FILE.match, os.listdir(path)) if m]
+    T = max(numbers, default=-1) + 1        # the files must be numbered 0..T-1 in every split
     missing = [task_file(path, split, t) for split in splits for t in range(T)
                if not os.path.isfile(task_file(path, split, t))]
     if T == 0 or missing:

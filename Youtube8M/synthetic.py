@@ -40,7 +40,6 @@ Usage:
 import csv
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from tfrecord.writer import TFRecordWriter
@@ -210,12 +209,14 @@ def generate_tfrecords(raw_dir, seed=0, **config):
 def make_synthetic_data(out_dir, seed=0, keep_raw=False, **config):
     """Generate synthetic TFRecords and convert them into out_dir (HDF5 + tasks.json).
 
-    The TFRecords are written into a temporary folder beside out_dir (kept as out_dir/raw
-    with keep_raw). Returns tasks.json's dict.
+    The TFRecords are written into out_dir.raw-PID beside out_dir (kept as out_dir/raw with
+    keep_raw; a killed run's is removed by the next conversion into out_dir). Returns
+    tasks.json's dict.
     """
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    raw_dir = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".raw-", dir=os.path.dirname(out_dir))
+    raw_dir = "%s.raw-%d" % (out_dir, os.getpid())
+    shutil.rmtree(raw_dir, ignore_errors=True)
+    os.makedirs(raw_dir)
     try:
         gen = generate_tfrecords(raw_dir, seed, **config)
         extra = {"synthetic": True, "synthetic_groups": gen["synthetic_groups"],

@@ -419,6 +419,7 @@ def test_conversion_killed_inside_the_swap_gets_the_old_folder_back(raw, tmp_pat
     first = convert_raw(raw, out)
     os.rename(out, out + ".old-4194305")              # killed between the swap's two renames
     os.makedirs(out + ".staging-4194305")             # ... and its staging folder
+    os.makedirs(out + ".raw-4194305")                 # ... and a killed synthetic run's TFRecords
     data_folder_was = first["manifest"]["conversion"]
     from Youtube8M.data import remove_dead_staging
     remove_dead_staging(out)
