@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import re
-import sys
 import time
 
 import numpy as np
@@ -86,11 +85,8 @@ def _train_in_child(argv, record_path):
     import torch
 
     from Youtube8M import Trainer
-    try:
-        result = Trainer.main(argv + ['--resume', 'auto', '--progress', 'false'])
-    except UserError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    result = {}
+    entry_point(lambda: result.update(Trainer.main(argv + ['--resume', 'auto', '--progress', 'false'])))()
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         peak = torch.cuda.max_memory_allocated()
         memory = 'CUDA max_memory_allocated'
@@ -168,7 +164,7 @@ def build_parser():
     p.add_argument('--seeds', type=int, default=1, help='runs per row, with seeds 0..N-1 (default 1)')
     p.add_argument('--max_epoch', type=int, default=None, help="at most this many epochs per run (default: the "
                    "preset's, 10)")
-    p.add_argument('--rows', nargs='+', default=None, metavar='ROW',
+    p.add_argument('--rows', nargs='+', default=None, metavar='ROW', choices=[label for label, _ in ROWS],
                    help='train only these rows (default all): ' + ', '.join(f'"{label}"' for label, _ in ROWS))
     p.add_argument('--original_variant', action='store_true',
                    help="TAAN rows: the original code's tracenorm / cosine formulas")
@@ -182,10 +178,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f'--seeds must be >= 1, got {args.seeds}')
-    labels = [label for label, _ in ROWS]
-    unknown = [r for r in args.rows or [] if r not in labels]
-    if unknown:
-        parser.error(f'unknown row(s) {unknown}; choose from {labels}')
     if os.path.abspath(args.data_path) == os.path.abspath(DEFAULT_DATA_PATH):
         from Youtube8M.synthetic import ensure_builtin_data
         ensure_builtin_data(args.data_path)
