@@ -1,6 +1,7 @@
 """Files written atomically: a temporary file in the same folder, then `os.replace`, so a
 reader (or a crash) never sees a half-written file. Every file this project writes goes
-through here.
+through here, except the Youtube-8M converter's task files: those are written into a staging
+folder that then replaces the data folder as a whole (`Youtube8M.data.convert`).
 
 The temporary file of `path` is `.{name}.{pid}.tmp` beside it. A process killed while
 writing leaves it behind; `remove_stale_temporaries(folder)` (called by the trainers when

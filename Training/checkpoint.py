@@ -104,12 +104,14 @@ def verify_checkpoint(path):
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        bad, detail = None, f'{type(e).__name__}: {e}'
-    else:
-        detail = f'the data of {bad} fails its checksum' if bad else None
-    if detail:
-        raise CheckpointError(f'checkpoint {path} is damaged ({detail}). Delete it, or pass another checkpoint '
-                              'file (a resumed run can also start afresh without --resume).')
+        raise damaged_checkpoint(path, f'{type(e).__name__}: {e}') from None
+    if bad:
+        raise damaged_checkpoint(path, f'the data of {bad} fails its checksum')
+
+
+def damaged_checkpoint(path, detail):
+    return CheckpointError(f'checkpoint {path} is damaged ({detail}). Delete it, or pass another checkpoint '
+                           'file (a resumed run can also start afresh without --resume).')
 
 
 def read_checkpoint(path):

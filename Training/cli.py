@@ -72,7 +72,6 @@ def one_of(names):
         except KeyError:
             raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(str, names))}; "
                                              'any case)') from None
-    convert.__name__ = 'name'
     return convert
 
 

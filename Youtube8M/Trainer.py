@@ -194,7 +194,8 @@ class Youtube8M(Experiment):
 
 def main(argv=None, setup_hook=None):
     """Parse the command line and run (under torchrun: one process of the group).
-    Returns a dict with the test results (mAP, task_mAP, epochs, paths)."""
+    Returns a dict with the test results (mAP, task_mAP, epochs, paths) and the run's parameters,
+    seconds_per_step, tasks and whether the data is synthetic."""
     args = parse_args(argv)
     return run(Youtube8M(args), args, setup_hook=setup_hook)
 

@@ -63,7 +63,7 @@ def load_taan(checkpoint, data_path=None, hidden_feature=None, basis=None):
         folder = read_data_folder(data_path or DEFAULT_DATA_PATH, ('train',))
         config = {k: ORIGINAL_DEFAULTS[k] if v is None else v for k, v in given.items()}
         config.update(model='TAAN', in_features=folder.num_features, num_classes=folder.num_classes,
-                      tasks=folder.tasks, regularize=None)
+                      tasks=folder.tasks)
     model = build_model('TAAN', config['in_features'], config['hidden_feature'], config['num_classes'],
                         basis=config['basis'])
     load_checkpoint(checkpoint, {'model': model})

@@ -4,7 +4,7 @@
     steps = TrainSteps(loaders)                  # one batch of every task per training step
     for epoch in range(max_epoch):
         steps.set_epoch(epoch)                   # like DistributedSampler.set_epoch
-        for xs, ys in steps:                     # xs[t] features [b, 1152], ys[t] labels [b, C_t]
+        for xs, ys in steps:                     # xs[t] features [b, D], ys[t] labels [b, C_t]
             ...
     for x, y in loaders[t]: ...                  # one pass over task t (evaluation)
 
