@@ -284,10 +284,11 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
     store = open_records(args, run_settings(args))      # refuse other settings before any work
     records = store["records"]
     train_data, test_data = data or load_data(args.data_root, device, args.split_seed, args.alphabets)
-    stacking = args.stacking or store.get("stacking") or default_stacking(device)
-    at_once = args.runs_at_once or store["runs_at_once"] or default_runs_at_once(
-        device, len(specs), args.batch * train_data.num_tasks, stacking)
-    store.update(runs_at_once=at_once, stacking=stacking)
+    given = {k: getattr(args, k) or store.get(k) for k in ("runs_at_once", "stacking")}   # kept for the next start
+    store.update(given)
+    stacking = given["stacking"] or default_stacking(device)              # else this device's defaults
+    at_once = given["runs_at_once"] or default_runs_at_once(device, len(specs), args.batch * train_data.num_tasks,
+                                                            stacking)
     formulas, protocol = describe(args, train_data.num_tasks)
     data_line = (f"{train_data.num_tasks} alphabets of {os.path.abspath(args.data_root)} (split seed "
                  f"{args.split_seed}), {len(train_data)} train / {len(test_data)} test images")

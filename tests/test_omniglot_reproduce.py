@@ -427,6 +427,21 @@ def test_reproduce_continues_with_other_runs_and_refuses_other_settings(root, da
         assert "the paper's formulas" in open(os.path.join(paper, name)).read()
 
 
+def test_reproduce_keeps_only_the_runs_at_once_it_was_given(root, data, tmp_path):
+    """Without --runs_at_once / --stacking a sweep uses the device's defaults and records none,
+    so that continued on another device it takes that device's; given ones are kept."""
+    out = str(tmp_path / "defaults")
+    argv = ["--data_root", root, "--results_dir", out] + REPRO[:REPRO.index("--runs_at_once")] + ["--repeats", "1"]
+    args = reproduce.parse_args(argv + ["--regularizers", "none"])
+    reproduce.reproduce(args, data=data, **QUIET)
+    saved = json.load(open(os.path.join(out, "records.json")))
+    assert (saved["runs_at_once"], saved["stacking"], len(saved["records"])) == (None, None, 1)
+    reproduce.reproduce(reproduce.parse_args(argv + ["--regularizers", "distance", "--stacking", "stacked"]),
+                        data=data, **QUIET)
+    saved = json.load(open(os.path.join(out, "records.json")))
+    assert (saved["runs_at_once"], saved["stacking"], len(saved["records"])) == (None, "stacked", 2)
+
+
 def test_presets_and_what_the_outputs_say(tmp_path, monkeypatch, capsys):
     quick = reproduce.parse_args(["--preset", "quick"])
     assert (quick.alphabets, quick.repeats, quick.lambdas, quick.regularizers) == (
