@@ -28,7 +28,6 @@ DIR/<reg>/TAAN-Lambda-<lambda>-<j+1>/ (for `visualization_full.py`); --resume th
 continues an interrupted sweep: finished runs are kept, the runs in training continue from
 the last saved state, and the file ends as an uninterrupted sweep would leave it.
 """
-import json
 import os
 from types import SimpleNamespace
 
@@ -37,11 +36,11 @@ import numpy as np
 from Layers.TAL_pytorch import layer_regularizer
 from Omniglot import results
 from Omniglot.stack import STACKINGS
-from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, train_runs
+from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, load_saved_sweep, train_runs
 from Omniglot.TAAN import build_model
 from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
                             load_data)
-from Training import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json, atomic_write_text,
+from Training import (ArgumentParser, atomic_torch_save, atomic_write_json, atomic_write_text,
                       count_parameters, default_path, entry_point, resolve_device)
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
@@ -137,13 +136,7 @@ def sweep_settings(args):
 def render(prefix, specs, records):
     """The results file: what it held before the sweep, then the sweep's lambdas in order,
     each with the lines of its recorded runs."""
-    blocks = []
-    for lam in dict.fromkeys(spec.lam for spec in specs):
-        lines = [(spec.repeat + 1, records[spec.key]["best_acc"]) for spec in specs
-                 if spec.lam == lam and spec.key in records]
-        if lines:
-            blocks.append((lam, lines))
-    return prefix + results.render_results(blocks)
+    return prefix + results.render_results(results.blocks_of(specs, records, dict.fromkeys(s.lam for s in specs)))
 
 
 def summary_lines(reg, accs_by_lambda):
@@ -164,14 +157,9 @@ def open_sweep(args, path, sweep_file, settings):
     """The sweep's {'prefix', 'settings', 'records'}: continued from sweep_file with --resume,
     else new (the results file's present content is the prefix)."""
     if args.resume and sweep_file and os.path.isfile(sweep_file):
-        with open(sweep_file) as f:
-            sweep = json.load(f)
-        differ = [f"{k}: {sweep['settings'].get(k)!r} there, {v!r} now" for k, v in settings.items()
-                  if sweep["settings"].get(k) != v]
-        if differ:
-            raise UserError(f"{sweep_file} was written by a sweep with other settings ({'; '.join(differ)}): resume "
-                            "with the same settings, or start afresh without --resume")
-        return sweep
+        return load_saved_sweep(sweep_file, settings, "delete it, or start afresh without --resume",
+                                f"{sweep_file} was written by a sweep with other settings ({{}}): resume with the "
+                                "same settings, or start afresh without --resume")
     prefix = ""
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:

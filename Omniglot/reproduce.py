@@ -41,7 +41,6 @@ settings that change what a run computes are refused.
 """
 import csv
 import io
-import json
 import os
 import time
 
@@ -50,9 +49,10 @@ from Omniglot import Figure_wrt_Lambda, results
 from Omniglot.Evaluation_TAAN import add_sweep_arguments
 from Omniglot.dataTools import DEFAULT_DATA_ROOT
 from Omniglot.stack import default_stacking
-from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, format_duration, train_runs
+from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, format_duration, load_saved_sweep,
+                            train_runs)
 from Omniglot.train import DTYPES, STATE_NAME, load_data
-from Training import (ArgumentParser, UserError, atomic_write_json, atomic_write_text, default_path, entry_point,
+from Training import (ArgumentParser, atomic_write_json, atomic_write_text, default_path, entry_point,
                       resolve_device)
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME = "records.json", "table", "lambda"
@@ -230,12 +230,8 @@ def write_outputs(args, specs, records, notes, figure=False):
     comment = [f"Omniglot.reproduce: {formulas}; {protocol}"]
     paths = []
     for reg in args.regularizers:
-        blocks = []
-        for lam in sorted({spec.lam for spec in specs if spec.regularizer == reg}):
-            lines = [(spec.repeat + 1, records[spec.key]["best_acc"]) for spec in specs
-                     if spec.regularizer == reg and spec.lam == lam and spec.key in records]
-            if lines:
-                blocks.append((lam, lines))
+        runs = [spec for spec in specs if spec.regularizer == reg]
+        blocks = results.blocks_of(runs, records, sorted({spec.lam for spec in runs}))
         paths.append(results.results_path(args.results_dir, reg))
         atomic_write_text(paths[-1], results.render_results(blocks, comment))
     table = table_of(specs, records)
@@ -259,20 +255,10 @@ def open_records(args, settings):
     path = os.path.join(args.results_dir, RECORDS_NAME)
     if not os.path.isfile(path):
         return {"settings": settings, "runs_at_once": None, "stacking": None, "records": {}}
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        saved_settings, saved["records"] = saved["settings"], dict(saved["records"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}): delete it (the runs start again) or "
-                        "choose another --results_dir") from None
-    differ = [f"{k}: {saved_settings.get(k)!r} there, {v!r} now" for k, v in settings.items()
-              if saved_settings.get(k) != v]
-    if differ:
-        raise UserError(f"{args.results_dir} holds runs made with other settings ({'; '.join(differ)}): give the "
-                        "same flags to continue them, or another --results_dir (or delete that folder) to start "
-                        "afresh")
-    return saved
+    return load_saved_sweep(
+        path, settings, "delete it (the runs start again) or choose another --results_dir",
+        f"{args.results_dir} holds runs made with other settings ({{}}): give the same flags to continue them, "
+        "or another --results_dir (or delete that folder) to start afresh")
 
 
 def reproduce(args, data=None, device=None, log=print, setup_hook=None):

@@ -20,7 +20,7 @@ import os
 import re
 
 from Layers.TAL_pytorch import PAPER_REGULARIZERS
-from Training import UserError, atomic_append_text
+from Training import UserError
 
 REGULARIZERS = ("none",) + PAPER_REGULARIZERS
 ORIGINAL_NAMES = {"NoVMTL": "none", "LowRank": "tracenorm", "Euclidean": "distance",
@@ -79,14 +79,17 @@ def render_results(blocks, comments=()):
     return text
 
 
-def append_header(path, lam):
-    """Start the block of one lambda ("---------------Lambda = 0.100000.---------------")."""
-    atomic_append_text(path, format_header(lam))
-
-
-def append_experiment(path, index, acc):
-    """Add one run ("Experiment 1, ACC: 0.8554."); index counts from 1, acc is a fraction."""
-    atomic_append_text(path, format_experiment(index, acc))
+def blocks_of(specs, records, lambdas):
+    """render_results' blocks of the recorded runs of `specs` (sweep RunSpecs; `records` maps
+    a run's key to its record): lambda by lambda in the order of `lambdas`, each with
+    (repeat + 1, best accuracy) of its recorded runs; lambdas without one are left out."""
+    blocks = []
+    for lam in lambdas:
+        lines = [(spec.repeat + 1, records[spec.key]["best_acc"]) for spec in specs
+                 if spec.lam == lam and spec.key in records]
+        if lines:
+            blocks.append((lam, lines))
+    return blocks
 
 
 def parse_results(path):

@@ -21,6 +21,7 @@ histories) is saved after an evaluation round, at most every `save_every` second
 records. A group with no usable saved state starts again with all its runs, so every run
 is always trained in the same company as in an uninterrupted sweep.
 """
+import json
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from ignite.metrics import Metric
 from Omniglot.stack import build_runs, default_stacking
 from Omniglot.TAAN import build_model
 from Omniglot.train import DTYPES, EvalBatches, TrainSampler
-from Training import (Experiment, read_checkpoint, remove_stale_temporaries, restore, seed_everything,
+from Training import (Experiment, UserError, read_checkpoint, remove_stale_temporaries, restore, seed_everything,
                       training_state_checkpoint)
 from Training.trainer import Settings, check_settings, create_evaluator, create_trainer
 
@@ -64,6 +65,23 @@ class RunSpec:
 # Peak memory of a float32 training step per image of one run, by stacking (65 runs at once
 # on an H200, rounded up): 'union' holds its activations twice over.
 BYTES_PER_IMAGE_RUN = {"separate": 2.2e6, "stacked": 2.2e6, "union": 3.8e6}
+
+
+def load_saved_sweep(path, settings, if_damaged, if_other_settings):
+    """The JSON object a sweep saved in `path` (its 'settings', its 'records' as a dict, ...).
+    A damaged file is a UserError ending in `if_damaged` (what to do); one saved with other
+    `settings` a UserError `if_other_settings`, whose {} lists the differences."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        saved_settings, saved["records"] = saved["settings"], dict(saved["records"])
+        differ = [f"{k}: {saved_settings.get(k)!r} there, {v!r} now" for k, v in settings.items()
+                  if saved_settings.get(k) != v]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}: {e}): {if_damaged}") from None
+    if differ:
+        raise UserError(if_other_settings.format("; ".join(differ)))
+    return saved
 
 
 def default_runs_at_once(device, runs, images_per_step, stacking=None):

@@ -8,7 +8,7 @@
 - runtime: default folders, device choice, seeding, parameter count;
 - atomic: every file written through a temporary file and `os.replace`.
 """
-from .atomic import (atomic_append_text, atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_save,
+from .atomic import (atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_save,
                      atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries)
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
                          read_checkpoint, resolve_resume, restore, training_state_checkpoint)
@@ -17,7 +17,7 @@ from .metrics import MultiTaskMAPAtK, ap_at_k_sum, map_at_k
 from .runtime import count_parameters, default_path, project_home, resolve_device, seed_everything
 from .trainer import Dataflow, Experiment, Run, add_run_arguments, run
 
-__all__ = ['atomic_append_text', 'atomic_path', 'atomic_savefig', 'atomic_savetxt', 'atomic_torch_save',
+__all__ = ['atomic_path', 'atomic_savefig', 'atomic_savetxt', 'atomic_torch_save',
            'atomic_write', 'atomic_write_json', 'atomic_write_text', 'remove_stale_temporaries',
            'CheckpointError', 'RNGState', 'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints',
            'read_checkpoint', 'resolve_resume', 'restore', 'training_state_checkpoint',

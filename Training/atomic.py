@@ -57,17 +57,6 @@ def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
 
 
-def atomic_append_text(path, text):
-    """Append `text` to a text file atomically: old content (with a final newline) + text."""
-    old = ''
-    if os.path.exists(path):
-        with open(path, encoding='utf-8') as f:
-            old = f.read()
-        if old and not old.endswith('\n'):
-            old += '\n'
-    atomic_write_text(path, old + text)
-
-
 def atomic_savetxt(path, values, **kwargs):
     """np.savetxt(path, values) written atomically (a scalar becomes one line)."""
     atomic_write(path, lambda tmp: np.savetxt(tmp, np.atleast_1d(np.asarray(values, dtype=np.float64)), **kwargs))

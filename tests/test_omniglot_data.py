@@ -14,7 +14,7 @@ from PIL import Image
 
 from Omniglot import Figure_wrt_Lambda, dataTools, results, synthetic
 from Omniglot.dataTools import OmniglotData
-from Training import UserError
+from Training import UserError, atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(alphabets=3, drawers=10, min_chars=4, max_chars=7, seed=0)
@@ -352,13 +352,8 @@ def test_empty_alphabet_and_bad_character_folders(tmp_path):
 def test_results_writer_parser_round_trip(tmp_path):
     path = results.results_path(str(tmp_path), "distance")
     assert os.path.basename(path) == "Results-TAAN-Omniglot-distance.txt"
-    results.append_header(path, 0.1)
-    results.append_experiment(path, 1, 0.85541)
-    results.append_experiment(path, 2, 0.8582)
-    results.append_header(path, 0.2)
-    results.append_experiment(path, 1, 0.7)
-    results.append_header(path, 0.1)  # a re-run appends after what is there
-    results.append_experiment(path, 1, 0.9)
+    atomic_write_text(path, results.render_results(   # a re-run's block of a lambda after what is there
+        [(0.1, [(1, 0.85541), (2, 0.8582)]), (0.2, [(1, 0.7)]), (0.1, [(1, 0.9)])]))
     assert _read(path) == ("---------------Lambda = 0.100000.---------------\n"
                            "Experiment 1, ACC: 0.8554.\nExperiment 2, ACC: 0.8582.\n"
                            "---------------Lambda = 0.200000.---------------\n"
@@ -367,7 +362,7 @@ def test_results_writer_parser_round_trip(tmp_path):
                            "Experiment 1, ACC: 0.9000.\n")
     assert results.parse_results(path) == {0.1: [0.8554, 0.8582, 0.9], 0.2: [0.7]}
     with pytest.raises(ValueError, match="fraction"):
-        results.append_experiment(path, 3, 85.5)
+        results.format_experiment(3, 85.5)
     with pytest.raises(ValueError, match="regulariser must be one of"):
         results.results_path(str(tmp_path), "lowrank")
 
@@ -415,11 +410,8 @@ def test_mean_std_in_percent():
 def test_figure_script_writes_png_and_pdf(tmp_path):
     res = tmp_path / "res"
     for reg, lams in (("none", [0.0]), ("distance", [0.1, 0.2]), ("tracenorm", [0.1])):
-        path = results.results_path(str(res), reg)
-        for lam in lams:
-            results.append_header(path, lam)
-            for j, acc in enumerate((0.8, 0.82)):
-                results.append_experiment(path, j + 1, acc + lam / 10)
+        blocks = [(lam, [(j + 1, acc + lam / 10) for j, acc in enumerate((0.8, 0.82))]) for lam in lams]
+        atomic_write_text(results.results_path(str(res), reg), results.render_results(blocks))
     out = str(tmp_path / "fig" / "lambda")
     cmd = [sys.executable, os.path.join(ROOT, "Omniglot", "Figure_wrt_Lambda.py"),
            "--results_dir", str(res), "--out", out, "--reported"]

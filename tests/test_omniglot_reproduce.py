@@ -286,6 +286,10 @@ def test_sweep_writes_the_original_format_from_its_records_and_resumes_after_a_k
     assert open(path).read() == text + "\n".join(lines[:2]) + "\n"
     with pytest.raises(UserError, match=r"other settings \(lr: 0\.001 there, 0\.002 now\)"):
         Evaluation_TAAN.main(argv + ["--resume", "--lr", "2e-3"])
+    with open(os.path.join(folder, Evaluation_TAAN.SWEEP_NAME), "w") as f:
+        f.write('{"settings": ')                        # a sweep file cut short
+    with pytest.raises(UserError, match=r"sweep\.json is damaged \(JSONDecodeError: .*\): delete it"):
+        Evaluation_TAAN.main(argv + ["--resume"])
 
 
 # ------------------------------------------------------------------------------- reproduce
