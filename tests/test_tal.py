@@ -474,14 +474,21 @@ def test_cpp_buckets_equal_searchsorted(case, dtype):
 
 # ------------------------------------------------------------------------ batch norm in the kernel
 def run_conv(layer, x, task, per_row, backend, monkeypatch):
-    """Output, gradients (x, conv, batch norm, alpha, basis) and batch norm buffers after one call."""
+    """Output, gradients (x, conv, batch norm, alpha, basis), batch norm buffers after one call,
+    and how many times batch norm ran inside the kernel."""
     monkeypatch.setenv("TAAN_TAL_BACKEND", backend)
+    fused_calls = []
+
+    def counted(*args):
+        fused_calls.append(1)
+        return _tal_kernel.tal_batchnorm_activation(*args)
+    monkeypatch.setattr(tal, "tal_batchnorm_activation", counted)
     layer = copy.deepcopy(layer)
     x = x.clone().requires_grad_()
     out = layer(x, task, per_row=per_row)
     params = [x, layer.weight, layer.bias, layer.bn.weight, layer.bn.bias, layer.alpha, layer.basis]
     grads = torch.autograd.grad(out, params, torch.cos(torch.arange(out.numel(), dtype=out.dtype)).view_as(out))
-    return out, grads, [b.clone() for b in layer.bn.buffers()]
+    return out, grads, [b.clone() for b in layer.bn.buffers()], len(fused_calls)
 
 
 @pytest.mark.parametrize("mode", ["int", "per_row"])
@@ -502,6 +509,7 @@ def test_batchnorm_in_the_kernel_equals_batchnorm_then_activation(mode, train, m
     x, task, per_row = call(layer, "conv", mode)
     fused = run_conv(layer, x, task, per_row, "cpp", monkeypatch)
     plain = run_conv(layer, x, task, per_row, "torch", monkeypatch)
+    assert (fused[3], plain[3]) == (1, 0)          # batch norm in the kernel, then outside it
     assert (fused[0] - plain[0]).abs().max().item() < 1e-10
     for u, v in zip(fused[1], plain[1]):
         assert (u - v).abs().max().item() < 1e-9
