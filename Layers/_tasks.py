@@ -32,11 +32,11 @@ class TaskSpec:
         return self.ids.numel()
 
 
-def _check_range(ids, num_tasks):
-    """Every id in 0..num_tasks-1. On the CPU at once (IndexError); on a GPU without waiting
-    for it, as PyTorch checks its own indices there: reading the ids back would stall the
-    device's queue at every layer call, so a bad id stops the run at its next
-    synchronisation with a device-side assert instead."""
+def check_task_range(ids, num_tasks, error=IndexError, owner="this layer was built for"):
+    """Every id in 0..num_tasks-1. On the CPU at once (`error`, saying "... but {owner} N
+    tasks"); on a GPU without waiting for it, as PyTorch checks its own indices there: reading
+    the ids back would stall the device's queue at every call, so a bad id stops the run at
+    its next synchronisation with a device-side assert instead."""
     if not ids.numel():
         return
     if ids.device.type != "cpu":
@@ -44,8 +44,8 @@ def _check_range(ids, num_tasks):
         return
     lo, hi = torch.aminmax(ids)
     if lo < 0 or hi >= num_tasks:
-        raise IndexError(f"task id out of range: got ids in [{int(lo)}, {int(hi)}], "
-                         f"but this layer was built for {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
+        raise error(f"task id out of range: got ids in [{int(lo)}, {int(hi)}], "
+                    f"but {owner} {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
 
 
 def parse_task(task, num_tasks, x, feature_dims, per_row=False, name="layer"):
@@ -65,7 +65,7 @@ def parse_task(task, num_tasks, x, feature_dims, per_row=False, name="layer"):
         if task.dim() != 1:
             raise ValueError(f"{name}: task must be an int or a 1-D tensor of ids, got shape {tuple(task.shape)}")
         ids = task.to(device=x.device, dtype=torch.long)
-        _check_range(ids, num_tasks)
+        check_task_range(ids, num_tasks)
         if per_row:
             if x.dim() != 1 + feature_dims or x.shape[0] != ids.numel():
                 raise ValueError(f"{name}: per_row=True needs x of shape [B, ...] ({1 + feature_dims} dims) "

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from Layers import TAL_Conv2d, TAL_Linear
 from Layers.TAL_pytorch import C0_ORIGINAL
+from Layers._tasks import check_task_range
 from Omniglot.dataTools import IMAGE_SIZE
 CHANNELS = (1, 6, 12, 24, 64)
 FLAT = 64 * 4 * 4
@@ -49,18 +50,14 @@ MODELS = ("taan", "hard", "stl")
 
 
 def check_task_ids(task_ids, num_tasks):
-    """ValueError unless task_ids is a 1-D integer tensor with every id in 0..num_tasks-1."""
+    """ValueError unless task_ids is a 1-D integer tensor with every id in 0..num_tasks-1 (on a
+    GPU the range is checked on the device, without waiting: see check_task_range)."""
     if not isinstance(task_ids, torch.Tensor):
         raise ValueError(f"task ids must be a 1-D LongTensor (one id per image), got {type(task_ids).__name__}")
     if task_ids.dim() != 1 or task_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise ValueError(f"task ids must be a 1-D LongTensor (one id per image), got {task_ids.dtype} "
                          f"of shape {tuple(task_ids.shape)}")
-    if not task_ids.numel():
-        return
-    lo, hi = torch.stack(torch.aminmax(task_ids)).tolist()          # one read-back from a GPU, not two
-    if lo < 0 or hi >= num_tasks:
-        raise ValueError(f"task id out of range: got ids in [{lo}, {hi}], "
-                         f"but the network has {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
+    check_task_range(task_ids, num_tasks, ValueError, owner="the network has")
 
 
 def split_by_task(values, task_ids, num_tasks):

@@ -161,7 +161,7 @@ class RunGroup(Experiment):
                                       regularize=spec.layer_regularize, c0=args.c0).to(device=device,
                                                                                       dtype=self.dtype))
         self.stacking = stacking
-        self.net = build_runs(models, [spec.lam for spec in specs], stacking).to(device=device, dtype=self.dtype)
+        self.net = build_runs(models, [spec.lam for spec in specs], stacking)      # on the models' device and dtype
         self.optimizer = self.net.make_optimizer(args.lr)
         self.runs = [_Run(spec, TrainSampler(self.train_data, args.batch, spec.seed), args.early_stop)
                      for spec in specs]
