@@ -153,12 +153,12 @@ class _DMTRLBase(nn.Module):
         return torch.tensordot(self.U_2[ids], self.S, dims=([1], [2]))
 
     def right_factors(self, ids):
-        """M [k, r, n_out] for the k task ids, contracting the task factor first."""
+        """M [k, r, n_out] for the k task ids (or a slice of them), contracting the task factor first."""
         if self.method == 'Tucker':
             return self.core_slices(ids) @ self.U_1.T
         if self.method == 'TT':
             return torch.einsum('aob,bk->kao', self.U_1, self.U_2[:, ids, 0])
-        return (self.V[:, ids].T @ self.U.T).view(len(ids), self.n_in, self.n_out)
+        return (self.V[:, ids].T @ self.U.T).view(-1, self.n_in, self.n_out)
 
     def task_weight(self, ids):
         """W[:, :, ids] as [k, n_in, n_out]."""
@@ -237,7 +237,7 @@ class DMTRL_Conv2d(_DMTRLBase):
 
     def kernels(self, ids):
         """Conv kernels [k, out, in, kh, kw] of the k tasks, and their biases [k, out]."""
-        K = self.task_weight(ids).transpose(1, 2).reshape(len(ids), self.out_channels, self.in_channels,
+        K = self.task_weight(ids).transpose(1, 2).reshape(-1, self.out_channels, self.in_channels,
                                                           *self.kernel_size)
         return K, self._bias(ids)
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._tal_kernel import fused_batchnorm_applies, tal_activation, tal_batchnorm_activation
+from ._tal_kernel import fused_batchnorm_applies, tal_activation, tal_batchnorm_activation  # noqa: F401 (public)
 from ._tasks import parse_task, check_width
 
 C0_ORIGINAL = 0.4                      # the original code's rounding of 1/sqrt(2 pi)
@@ -160,8 +160,7 @@ class _TAL:
         self.regularize = regularize
         self._reg = _regularizer(regularize)
         self.c0 = c0
-        if bn_layer is not None:
-            self.bn = bn_layer(out_size)
+        self.bn = bn_layer(out_size) if bn_layer is not None else None
 
     def regularization(self, c):
         """c * L for the configured regulariser; the float 0. when there is none."""
@@ -192,24 +191,20 @@ class _TAL:
         if self.normalize:
             with torch.no_grad():
                 self.alpha.div_(self.alpha.norm(dim=-1, keepdim=True))
-        per_task_input = spec.kind == "multi" and not spec.shared
-        B = x.shape[0]
-        a = affine(x.flatten(0, 1) if per_task_input else x)      # [rows, *out]
-        if hasattr(self, "bn") and spec.kind != "multi" and fused_batchnorm_applies(a, self.bn, self.alpha.shape[1]):
-            ids = spec.ids.expand(B) if spec.kind == "single" else spec.ids     # batch norm in the kernel
-            h = tal_batchnorm_activation(a, self.bn, self.alpha, self.basis, ids)
-            return F.dropout(h, p=0.5, training=self.training) if self.dropout else h
-        if hasattr(self, "bn"):
+        B, multi = x.shape[0], spec.kind == "multi"
+        a = affine(x.flatten(0, 1) if multi and not spec.shared else x)      # [rows, *out]
+        ids = spec.ids.expand(B) if spec.kind == "single" else spec.ids
+        if self.bn is not None:
+            if not multi and fused_batchnorm_applies(a, self.bn):            # batch norm in the kernel
+                return self._dropout(tal_batchnorm_activation(a, self.bn, self.alpha, self.basis, ids))
             a = self.bn(a)
-        out_shape = a.shape[1:]
-        if spec.kind == "single":
-            h = tal_activation(a.reshape(1, -1), self.alpha, self.basis, spec.ids).view_as(a)
-        elif spec.kind == "rows":
-            h = tal_activation(a.reshape(B, -1), self.alpha, self.basis, spec.ids).view_as(a)
-        else:
-            k = spec.k
-            a = a.reshape(B, 1 if spec.shared else k, -1).expand(B, k, -1).reshape(B * k, -1)
-            h = tal_activation(a, self.alpha, self.basis, spec.ids.repeat(B)).view(B, k, *out_shape)
+        if not multi:
+            return self._dropout(tal_activation(a, self.alpha, self.basis, ids))
+        k, out_shape = spec.k, a.shape[1:]
+        a = a.reshape(B, 1 if spec.shared else k, -1).expand(B, k, -1).reshape(B * k, -1)
+        return self._dropout(tal_activation(a, self.alpha, self.basis, ids.repeat(B)).view(B, k, *out_shape))
+
+    def _dropout(self, h):
         return F.dropout(h, p=0.5, training=self.training) if self.dropout else h
 
     def output_num(self):

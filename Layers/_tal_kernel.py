@@ -1,4 +1,4 @@
-"""The TAL activation without a [..., basis] tensor.
+"""The TAL activation as registered operators, without a [..., basis] tensor.
 
     f_t(a) = relu(a) + sum_m alpha[t, m] relu(s_m - a)
 
@@ -16,371 +16,419 @@ of task t in bucket k and H[t, k] = the same sum of g * a:
     dL/dalpha[t,m] = sum_{k <= m} (s_m G[t, k] - H[t, k])      (elements with s_m > a)
     dL/ds_m        = sum_t alpha[t, m] sum_{k <= m} G[t, k]
 
-The forward pass keeps ``a`` and, for up to 255 basis functions, each element's bucket as
-one byte; with more, the backward pass finds the buckets again (cheaper than keeping them).
-Three backends compute the same formulas: a fused C++ loop on the CPU (built once with
-``torch.utils.cpp_extension``; about a minute), fused Triton kernels on CUDA
-(`Layers._tal_triton`, when the ``triton`` package is installed), and plain PyTorch ops,
-the fallback and reference, everywhere else. ``TAAN_TAL_BACKEND=torch`` forces the PyTorch
-path, ``=cpp`` requires the C++ one and ``=triton`` the Triton one.
+**Grouped bases.** ``basis`` may be [G, M] with ``alpha`` [T, M], T a multiple of G: task t
+then uses the basis of group t // (T / G). A TAL layer has one group; R runs of a sweep
+stacked together are one call with G = R groups of T tasks, an M-point search per element.
+
+**Operators** (namespace ``taan``, so that ``torch.compile`` traces them as single nodes
+without graph breaks, and CUDA graphs capture them):
+
+* ``taan::tal_activation(a, alpha, basis, row_task, keep_buckets) -> (out, buckets)`` and its
+  backward ``taan::tal_activation_backward``; autograd is registered, and a fake kernel
+  gives the shapes to the compiler.
+* ``taan::tal_batchnorm_activation`` (+ backward) and ``taan::channel_stats``: batch norm
+  folded into the CPU kernel (`tal_batchnorm_activation`).
+
+Each has an implementation per device: the fused C++ kernel on the CPU
+(`Layers._tal_build`, built on first use), fused Triton kernels on CUDA
+(`Layers._tal_triton`), and plain PyTorch ops, the fallback and reference, elsewhere. The
+tables are built inside the C++ kernel; a call is one function. The forward pass keeps
+``a`` and, for up to 255 basis functions, each element's bucket as one byte; with more,
+the backward pass finds the buckets again (cheaper than keeping them).
+
+``TAAN_TAL_BACKEND`` (read once, when this module is imported) or `set_backend`:
+``auto`` (default), ``torch`` forces the PyTorch path, ``cpp`` requires the C++ kernel,
+``triton`` the Triton one.
 """
-import contextlib
-import hashlib
-import importlib.util
-import json
+import math
 import os
-import platform
-import sys
-import threading
-import time
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from . import _tal_triton
+from . import _tal_build, _tal_triton
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "tal_activation.cpp")
-_OPENMP = ("-fopenmp",) if torch._C.has_openmp else ()   # else at::parallel_for runs on one thread
-_CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", *_OPENMP)
-_LDFLAGS = _OPENMP
-BUILD_WAIT_S = 300.0   # how long to wait for another live process building the kernel
-_ext = None
-_ext_failed = False
-_triton_failed = False
-_lock = threading.Lock()
+BACKENDS = ("auto", "cpp", "triton", "torch")
+FLOATS = (torch.float32, torch.float64)
 KEEP_BUCKETS_MAX_BASIS = 255   # up to here bucket ids are kept (uint8); above, found again
+_backend = os.environ.get("TAAN_TAL_BACKEND", "auto").lower()
+_triton_failed = False
+_EMPTY = torch.empty(0)
 
 
-# ----------------------------------------------------------------------------- the C++ kernel
-def _cpu_flags():
-    """The CPU's feature flags: -march=native compiles for them, so they key the build."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return " ".join(sorted(line.split(":", 1)[1].split()))
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def build_key():
-    """What makes a built kernel usable here: its source, compile flags, torch, Python, CPU."""
-    parts = {"source": hashlib.sha256(_read(_SRC)).hexdigest(), "cflags": _CFLAGS, "ldflags": _LDFLAGS,
-             "torch": torch.__version__, "torch_git": torch.version.git_version,
-             "python": sys.implementation.cache_tag, "machine": platform.machine(), "cpu_flags": _cpu_flags()}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16], parts
-
-
-def build_directory(key=None):
-    """Where the kernel is built: one folder per build key under torch's extension root
-    (``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions), shared by every checkout."""
-    from torch.utils.cpp_extension import get_default_build_root
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    return os.path.join(root, f"taan_tal_{key or build_key()[0]}")
-
-
-@contextlib.contextmanager
-def _build_lock(directory, wait_s):
-    """Hold an exclusive ``flock`` on ``directory/build.flock`` (the OS drops it when its
-    holder dies, so a killed build never blocks anyone); TimeoutError after ``wait_s``."""
-    import fcntl
-    fd = os.open(os.path.join(directory, "build.flock"), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline, told = time.monotonic() + wait_s, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"another process has been building the TAL kernel in {directory} "
-                                       f"for over {wait_s:.0f} s") from None
-                if not told:
-                    print(f"TAL: waiting (at most {wait_s:.0f} s) for another process building the "
-                          f"fused CPU kernel in {directory}...", file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)                      # releases the lock
-
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _write_atomically(path, data):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _import(directory, name):
-    from torch.utils.cpp_extension import LIB_EXT
-    spec = importlib.util.spec_from_file_location(name, os.path.join(directory, name + LIB_EXT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _load_or_build(wait_s):
-    """The kernel module from ``build_directory()``, built there first if it is not yet.
-
-    A finished build is marked by the file ``built``; loading it needs no lock. Building
-    takes the ``flock`` of `_build_lock`; every builder holds it while torch's own ``lock``
-    file (torch.utils.file_baton) exists, so a ``lock`` found by the holder was left by a
-    killed build and is removed (torch would otherwise wait for it forever). The source
-    is copied into the folder, so every checkout writes the same ninja file."""
-    key, parts = build_key()
-    name, directory = f"taan_tal_{key}", build_directory(key)
-    done = os.path.join(directory, "built")
-    if os.path.exists(done):
-        return _import(directory, name)
-    os.makedirs(directory, exist_ok=True)
-    with _build_lock(directory, wait_s):
-        if os.path.exists(done):          # built by the process we waited for
-            return _import(directory, name)
-        stale = os.path.join(directory, "lock")
-        if os.path.exists(stale):
-            os.remove(stale)
-            print(f"TAL: removed {stale}, left by a killed build", file=sys.stderr, flush=True)
-        source, copy = _read(_SRC), os.path.join(directory, "tal_activation.cpp")
-        if not os.path.exists(copy) or _read(copy) != source:   # same bytes: keep the mtime ninja saw
-            _write_atomically(copy, source)
-        try:   # the `ninja` wheel puts its binary next to the interpreter; make sure torch finds it
-            import ninja
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-        except ImportError:
-            pass
-        from torch.utils.cpp_extension import load
-        print(f"TAL: building the fused CPU kernel in {directory} (first use only, about a minute)...",
-              file=sys.stderr, flush=True)
-        module = load(name=name, sources=[copy], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
-                      build_directory=directory, verbose=False)
-        _write_atomically(done, json.dumps(parts, indent=1).encode())
-        return module
-
-
-def _load_extension():
-    """The C++ kernel (built on first use, then shared through ``build_directory()``), or
-    None with a warning when it cannot be had: no compiler, or another process has been
-    building it for more than ``TAAN_TAL_BUILD_WAIT`` seconds (default `BUILD_WAIT_S`)."""
-    global _ext, _ext_failed
-    if _ext is not None or _ext_failed:
-        return _ext
-    with _lock:
-        if _ext is not None or _ext_failed:
-            return _ext
-        try:
-            _ext = _load_or_build(float(os.environ.get("TAAN_TAL_BUILD_WAIT", BUILD_WAIT_S)))
-        except Exception as err:  # no compiler, no ninja, ...: the PyTorch path gives the same numbers
-            _ext_failed = True
-            if os.environ.get("TAAN_TAL_BACKEND", "auto") == "cpp":
-                raise RuntimeError(f"TAAN_TAL_BACKEND=cpp but the C++ kernel could not be built: {err}") from err
-            warnings.warn(f"TAL: C++ kernel unavailable ({type(err).__name__}: {err}); "
-                          "using the pure-PyTorch path (same numbers, slower on the CPU).")
-    return _ext
+# ----------------------------------------------------------------------------- backends
+def set_backend(name):
+    """Choose the implementation for the rest of the process: 'auto', 'cpp', 'triton' or
+    'torch' (what ``TAAN_TAL_BACKEND`` sets at import). A compiled model keeps the choice
+    it was compiled with. Returns the previous choice."""
+    global _backend
+    name = str(name).lower()
+    if name not in BACKENDS:
+        raise ValueError(f"the TAL backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    previous, _backend = _backend, name
+    return previous
 
 
 def backend_for(tensor, num_basis=0):
     """'cpp', 'triton' or 'torch': which implementation runs for a tensor on its device."""
-    choice = os.environ.get("TAAN_TAL_BACKEND", "auto").lower()
-    if choice not in ("auto", "cpp", "triton", "torch"):
-        raise ValueError(f"TAAN_TAL_BACKEND must be auto, cpp, triton or torch, got {choice!r}")
-    floating = tensor.dtype in (torch.float32, torch.float64)
-    if choice == "cpp" and tensor.device.type != "cpu":
-        raise ValueError("TAAN_TAL_BACKEND=cpp only applies to CPU tensors")
+    choice = _backend
+    if choice == "auto":
+        if tensor.dtype not in FLOATS:
+            return "torch"
+        if tensor.device.type == "cpu":
+            return "cpp" if _tal_build.load_extension() is not None else "torch"
+        if tensor.is_cuda and not _triton_failed and _tal_triton.supports(tensor, num_basis):
+            return "triton"
+        return "torch"
+    if choice == "torch":
+        return "torch"
+    if choice == "cpp":
+        if tensor.device.type != "cpu" or tensor.dtype not in FLOATS:
+            raise ValueError(f"TAAN_TAL_BACKEND=cpp only applies to float32/64 CPU tensors, got {tensor.dtype} "
+                             f"on {tensor.device}")
+        _tal_build.load_extension(required=True)
+        return "cpp"
     if choice == "triton":
         if not _tal_triton.supports(tensor, num_basis):
             raise ValueError(f"TAAN_TAL_BACKEND=triton needs the triton package, a float32/64 CUDA tensor "
                              f"(or TRITON_INTERPRET=1 and a CPU one) and at most {_tal_triton.MAX_BASIS} "
                              f"basis points; got {tensor.dtype} on {tensor.device}, {num_basis} points")
         return "triton"
-    if choice == "torch" or not floating:
-        return "torch"
-    if tensor.device.type == "cpu":
-        return "cpp" if _load_extension() is not None else "torch"
-    if tensor.is_cuda and not _triton_failed and _tal_triton.supports(tensor, num_basis):
-        return "triton"
-    return "torch"
+    raise ValueError(f"TAAN_TAL_BACKEND must be one of {', '.join(BACKENDS)}, got {choice!r}")
 
 
-def _cpp_forward(a, row_task, s, A, S, keep_buckets):
-    none = a.new_empty(0)
-    return _ext.forward(a, row_task, s, A, S, keep_buckets, none, none)
-
-
-def _cpp_backward(g, a, k, row_task, s, A, need_grad_a):
-    none = a.new_empty(0)
-    return _ext.backward(g, a, k, row_task, s, A, need_grad_a, none, none)[:2]
-
-
-def _kernels(backend):
-    """(forward, backward) of a backend: (a, row_task, s, A, S, keep_buckets) -> (out, k) and
-    (g, a, k, row_task, s, A, need_grad_a) -> (grad_a, sums [2, T, M + 1] float64)."""
-    if backend == "cpp":
-        return _cpp_forward, _cpp_backward
-    if backend == "triton":
-        return _tal_triton.forward, _tal_triton.backward
-    return _torch_forward, _torch_backward
-
-
-def _forward(backend, *args):
-    """The forward of `backend`; a Triton kernel that fails in auto mode falls back to PyTorch."""
-    global _triton_failed
-    try:
-        return backend, _kernels(backend)[0](*args)
-    except Exception as err:
-        if backend != "triton" or os.environ.get("TAAN_TAL_BACKEND", "auto").lower() == "triton":
-            raise
-        _triton_failed = True
-        warnings.warn(f"TAL: Triton kernel failed ({type(err).__name__}: {err}); "
-                      "using the pure-PyTorch path (same numbers, slower).")
-        return "torch", _torch_forward(*args)
+@torch.compiler.assume_constant_result
+def _cpu_runs_cpp():
+    """Whether float CPU tensors run the C++ kernel (asked while tracing, not at every call)."""
+    return backend_for(_EMPTY) == "cpp"
 
 
 # ----------------------------------------------------------------------------- PyTorch path
-def _torch_forward(a, row_task, s, A, S, keep_buckets):
+def _tables(alpha, basis):
+    """Each group's basis sorted stably (NaN last) with its permutation ([G, M] each), alpha
+    in its group's order [T, M], and the suffix tables A, S [T, M + 1] -- what the C++ kernel
+    builds in its prologue, with the same roundings on the CPU."""
+    Tg = alpha.shape[0] // basis.shape[0]
+    s, perm = basis.sort(dim=1, stable=True)
+    alpha_s = alpha.gather(1, perm.repeat_interleave(Tg, 0))
+    suffix = torch.stack((alpha_s, alpha_s * s.repeat_interleave(Tg, 0))).flip(-1).cumsum(-1).flip(-1)
+    A, S = F.pad(suffix, (0, 1))
+    return s, perm, alpha_s, A, S
+
+
+def _buckets(a, s, row_task, Tg):
+    """k = #{m : s_m <= a} against each row's group basis."""
+    if s.shape[0] == 1:
+        return torch.searchsorted(s[0], a, right=True)
+    return torch.searchsorted(s[torch.div(row_task, Tg, rounding_mode="floor")], a, right=True)
+
+
+def _torch_forward(a, alpha, basis, row_task, keep_buckets):
+    s, _, _, A, S = _tables(alpha, basis)
     K = A.shape[1]
-    k = torch.searchsorted(s, a, right=True)                 # #{m : s_m <= a}
+    k = _buckets(a, s, row_task, alpha.shape[0] // basis.shape[0])
     idx = row_task.view(-1, 1) * K + k
     out = a.clamp_min(0) + S.reshape(-1)[idx] - a * A.reshape(-1)[idx]
-    keep = keep_buckets and s.numel() <= 255
+    keep = keep_buckets and s.shape[1] <= 255
     return out, (k.to(torch.uint8) if keep else k.new_empty(0, a.shape[1], dtype=torch.uint8))
 
 
-def _torch_backward(g, a, k, row_task, s, A, need_grad_a):
+def _parameter_grads(sums, s, perm, alpha_s, alpha, basis):
+    """Gradients of alpha [T, M] and basis [G, M] from the per-bucket sums [2, T, M + 1]
+    (float64), in the order of the C++ kernel's sums."""
+    G, M = s.shape
+    Tg = alpha_s.shape[0] // G
+    cum_g, cum_ga = sums[:, :, :M].cumsum(2)                      # sums over buckets k <= m
+    rows = (s.double().repeat_interleave(Tg, 0) * cum_g - cum_ga).to(alpha.dtype)
+    grad_alpha = torch.empty_like(alpha).scatter_(1, perm.repeat_interleave(Tg, 0), rows)
+    per_group = (alpha_s.double() * cum_g).view(G, Tg, M).sum(1)
+    grad_basis = torch.empty_like(basis).scatter_(1, perm, per_group.to(basis.dtype))
+    return grad_alpha, grad_basis
+
+
+def _torch_backward(g, a, k, alpha, basis, row_task, need_grad_a):
+    s, perm, alpha_s, A, _ = _tables(alpha, basis)
     T, K = A.shape
-    k = k.long() if k.numel() else torch.searchsorted(s, a, right=True)
+    k = k.long() if k.numel() else _buckets(a, s, row_task, T // basis.shape[0])
     idx = (row_task.view(-1, 1) * K + k).reshape(-1)
     gd = g.reshape(-1).double()
     sums = torch.zeros(2, T * K, dtype=torch.float64, device=a.device)
     sums[0].index_add_(0, idx, gd)
     sums[1].index_add_(0, idx, gd * a.reshape(-1).double())
-    grad_a = g * ((a > 0).to(a.dtype) - A.reshape(-1)[idx].view_as(a)) if need_grad_a else None
-    return grad_a, sums.view(2, T, K)
+    grad_a = g * ((a > 0).to(a.dtype) - A.reshape(-1)[idx].view_as(a)) if need_grad_a else a.new_empty(0)
+    return (grad_a, *_parameter_grads(sums.view(2, T, K), s, perm, alpha_s, alpha, basis))
 
 
-# ----------------------------------------------------------------------------- autograd
-def _sorted_tables(alpha, basis):
-    """Sorted basis s, its permutation, alpha in that order, suffix tables A and S [T, M+1]."""
-    s, perm = basis.reshape(-1).sort()
-    alpha_s = alpha.index_select(1, perm)
-    suffix = torch.stack((alpha_s, alpha_s * s)).flip(-1).cumsum(-1).flip(-1)     # both tables at once:
-    A, S = F.pad(suffix, (0, 1))                                                # fewer launches on a GPU
-    return s.contiguous(), perm, alpha_s, A, S
+def _triton_forward(a, alpha, basis, row_task, keep_buckets):
+    s, _, _, A, S = _tables(alpha, basis)
+    return _tal_triton.forward(a, row_task, s, A, S, alpha.shape[0] // basis.shape[0], keep_buckets)
 
 
-def _parameter_grads(need_alpha, need_basis, sums, s, perm, alpha_s, dtype):
-    """Gradients of alpha [T, M] and basis [1, M] from the per-bucket sums [2, T, M + 1]."""
-    M = s.numel()
-    cum_g, cum_ga = sums[:, :, :M].cumsum(2)                # sums over buckets k <= m
-    grad_alpha = grad_basis = None
-    if need_alpha:
-        grad_alpha = torch.empty_like(alpha_s, dtype=dtype)
-        grad_alpha[:, perm] = (s.double() * cum_g - cum_ga).to(dtype)
-    if need_basis:
-        grad_basis = torch.empty(1, M, dtype=dtype, device=s.device)
-        grad_basis[0, perm] = (alpha_s.double() * cum_g).sum(0).to(dtype)
-    return grad_alpha, grad_basis
+def _triton_backward(g, a, k, alpha, basis, row_task, need_grad_a):
+    s, perm, alpha_s, A, _ = _tables(alpha, basis)
+    grad_a, sums = _tal_triton.backward(g, a, k, row_task, s, A, alpha.shape[0] // basis.shape[0], need_grad_a)
+    return (grad_a, *_parameter_grads(sums, s, perm, alpha_s, alpha, basis))
 
 
-class TALActivation(torch.autograd.Function):
-    """out[r, n] = f_{row_task[r]}(a[r, n]); a is [R, N], row_task a LongTensor [R]."""
+def _cpp_forward(a, alpha, basis, row_task, keep_buckets):
+    return tuple(_tal_build._ext.forward(a, row_task, alpha, basis, keep_buckets, _EMPTY, _EMPTY))
+
+
+def _cpp_backward(g, a, k, alpha, basis, row_task, need_grad_a):
+    return tuple(_tal_build._ext.backward(g, a, k, row_task, alpha, basis, need_grad_a, _EMPTY, _EMPTY)[:3])
+
+
+_FORWARD = {"cpp": _cpp_forward, "triton": _triton_forward, "torch": _torch_forward}
+_BACKWARD = {"cpp": _cpp_backward, "triton": _triton_backward, "torch": _torch_backward}
+
+
+def _run(table, backend, *args):
+    """table[backend](*args); a Triton kernel that fails in auto mode hands over to PyTorch."""
+    global _triton_failed
+    try:
+        return table[backend](*args)
+    except Exception as err:
+        if backend != "triton" or _backend == "triton":
+            raise
+        _triton_failed = True
+        warnings.warn(f"TAL: Triton kernel failed ({type(err).__name__}: {err}); "
+                      "using the pure-PyTorch path (same numbers, slower).")
+        return table["torch"](*args)
+
+
+def _contiguous(*tensors):
+    return [t.contiguous() for t in tensors]
+
+
+def _rows(t):
+    """t [R, *] as a contiguous [R, N]."""
+    t = t.contiguous()
+    return t if t.dim() == 2 else t.view(t.shape[0], math.prod(t.shape[1:]))
+
+
+def _forward_impl(a, alpha, basis, row_task, keep_buckets):
+    """(out shaped like a, buckets [R, N]) by the implementation `backend_for` picks for a's device."""
+    alpha, basis, row_task = _contiguous(alpha, basis, row_task)
+    out, buckets = _run(_FORWARD, backend_for(a, basis.shape[1]), _rows(a), alpha, basis, row_task, keep_buckets)
+    return out.view(a.shape), buckets
+
+
+def _backward_impl(grad, a, buckets, alpha, basis, row_task, need_grad_a):
+    """(grad of a or an empty tensor, grad of alpha, grad of basis), likewise."""
+    alpha, basis, row_task, buckets = _contiguous(alpha, basis, row_task, buckets)
+    grad_a, grad_alpha, grad_basis = _run(_BACKWARD, backend_for(a, basis.shape[1]), _rows(grad), _rows(a),
+                                          buckets, alpha, basis, row_task, need_grad_a)
+    return (grad_a.view(a.shape) if need_grad_a else grad_a), grad_alpha, grad_basis
+
+
+# ----------------------------------------------------------------------------- the operators
+@torch.library.custom_op("taan::tal_activation", mutates_args=())
+def _activation_op(a: Tensor, alpha: Tensor, basis: Tensor, row_task: Tensor,
+                   keep_buckets: bool) -> tuple[Tensor, Tensor]:
+    """out = f_{row_task[r]}(a[r]) for a [R, *] and the buckets (uint8 [R, N], N the elements of
+    a row, or [0, N] when not kept): the C++ kernel on the CPU, Triton on CUDA, the PyTorch path
+    elsewhere."""
+    return _forward_impl(a, alpha, basis, row_task, keep_buckets)
+
+
+@_activation_op.register_fake
+def _activation_fake(a, alpha, basis, row_task, keep_buckets):
+    keep = keep_buckets and basis.shape[1] <= 255
+    return a.new_empty(a.shape), a.new_empty((a.shape[0] if keep else 0, math.prod(a.shape[1:])), dtype=torch.uint8)
+
+
+@torch.library.custom_op("taan::tal_activation_backward", mutates_args=())
+def _activation_backward_op(grad: Tensor, a: Tensor, buckets: Tensor, alpha: Tensor, basis: Tensor,
+                            row_task: Tensor, need_grad_a: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad of a, or [0] when not wanted; grad of alpha; grad of basis)."""
+    return _backward_impl(grad, a, buckets, alpha, basis, row_task, need_grad_a)
+
+
+@_activation_backward_op.register_fake
+def _activation_backward_fake(grad, a, buckets, alpha, basis, row_task, need_grad_a):
+    return a.new_empty(a.shape if need_grad_a else (0,)), alpha.new_empty(alpha.shape), basis.new_empty(basis.shape)
+
+
+def _activation_setup(ctx, inputs, output):
+    a, alpha, basis, row_task, _ = inputs
+    ctx.save_for_backward(a, output[1], alpha, basis, row_task)
+
+
+def _activation_grad(ctx, grad, _):
+    a, buckets, alpha, basis, row_task = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grad_a, grad_alpha, grad_basis = _activation_backward_op(grad, a, buckets, alpha, basis, row_task, need[0])
+    return (grad_a if need[0] else None), (grad_alpha if need[1] else None), (grad_basis if need[2] else None), \
+        None, None
+
+
+_activation_op.register_autograd(_activation_grad, setup_context=_activation_setup)
+_ACTIVATION = torch.ops.taan.tal_activation.default
+
+
+class _EagerActivation(torch.autograd.Function):
+    """The operator's forward and backward for eager calls, without the operator's dispatch
+    (about 100 us of host time per call, more than the kernels of a small layer). Compiled
+    code calls the operator; both run the same implementations."""
 
     @staticmethod
-    def forward(ctx, a, alpha, basis, row_task):
-        a, row_task = a.contiguous(), row_task.contiguous()
-        s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
-        keep = s.numel() <= KEEP_BUCKETS_MAX_BASIS
-        ctx.backend, (out, k) = _forward(backend_for(a, s.numel()), a, row_task, s, A, S, keep)
-        ctx.save_for_backward(a, k, row_task, s, perm, alpha_s, A)
+    def forward(ctx, a, alpha, basis, row_task, keep_buckets):
+        out, buckets = _forward_impl(a, alpha, basis, row_task, keep_buckets)
+        ctx.save_for_backward(a, buckets, alpha, basis, row_task)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        a, k, row_task, s, perm, alpha_s, A = ctx.saved_tensors
-        g = g.contiguous()
-        need_a = ctx.needs_input_grad[0]
-        grad_a, sums = _kernels(ctx.backend)[1](g, a, k, row_task, s, A, need_a)
-        grad_alpha, grad_basis = _parameter_grads(ctx.needs_input_grad[1], ctx.needs_input_grad[2], sums,
-                                                  s, perm, alpha_s, a.dtype)
-        return (grad_a if need_a else None), grad_alpha, grad_basis, None
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("the TAL activation has no second derivative (backward with create_graph=True)")
+        a, buckets, alpha, basis, row_task = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_a, grad_alpha, grad_basis = _backward_impl(grad, a, buckets, alpha, basis, row_task, need[0])
+        return (grad_a if need[0] else None), (grad_alpha if need[1] else None), \
+            (grad_basis if need[2] else None), None, None
 
 
 def tal_activation(a, alpha, basis, row_task):
-    """TAL activation of ``a`` [R, N] where row r uses task ``row_task[r]``."""
-    return TALActivation.apply(a, alpha, basis, row_task)
+    """The TAL activation of ``a`` [R, *], row r for task ``row_task[r]`` (a LongTensor [R]):
+    out[r] = relu(a[r]) + sum_m alpha[t, m] relu(basis[g, m] - a[r]) with t = row_task[r] and
+    g = t // (T / G), for ``alpha`` [T, M] and ``basis`` [G, M] (G = 1: [1, M] or [M]).
+    Shaped like ``a``."""
+    if basis.dim() != 2:
+        basis = basis.view(-1, alpha.shape[1])
+    keep = basis.shape[1] <= KEEP_BUCKETS_MAX_BASIS
+    if torch.compiler.is_compiling():
+        return _ACTIVATION(a, alpha, basis, row_task, keep)[0]
+    if a.device.type == "cpu" and backend_for(a, basis.shape[1]) == "cpp":     # its autograd node in C++ too
+        return _tal_build._ext.activation(a, alpha, basis, row_task, keep)
+    return _EagerActivation.apply(a, alpha, basis, row_task, keep)
 
 
-class TALBatchNormActivation(torch.autograd.Function):
-    """out[r] = f_{row_task[r]}(a[r]) with a = BN(z) = (z - mean) invstd weight + bias per
-    channel, for z [R, C, *]: batch norm folded into the C++ kernel, so that a is never
-    stored (the backward pass recomputes it from z, which batch norm keeps anyway).
-
-    Backward, with g_a = dL/da = g f'(a), n elements per channel, x = (z - mean) invstd:
-        dL/dweight = sum g_a x,   dL/dbias = sum g_a,
-        dL/dz = weight invstd (g_a - mean(g_a) - x mean(g_a x))   (batch statistics)
-              = weight invstd g_a                                  (running statistics)."""
-
-    @staticmethod
-    def forward(ctx, z, weight, bias, mean, invstd, alpha, basis, row_task, batch_stats):
-        shape = z.shape
-        z, row_task = z.contiguous().view(shape[0], -1), row_task.contiguous()
-        gamma = weight.detach() if weight is not None else torch.ones_like(mean)
-        beta = bias.detach() if bias is not None else torch.zeros_like(mean)
-        scale = (gamma * invstd).to(z.dtype).contiguous()
-        shift = (beta - mean * scale).to(z.dtype).contiguous()
-        s, perm, alpha_s, A, S = _sorted_tables(alpha.detach(), basis.detach())
-        out, k = _ext.forward(z, row_task, s, A, S, s.numel() <= KEEP_BUCKETS_MAX_BASIS, scale, shift)
-        ctx.save_for_backward(z, k, row_task, s, perm, alpha_s, A, scale, shift, mean, invstd, gamma)
-        ctx.shape, ctx.batch_stats = shape, batch_stats
-        return out.view(shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        z, k, row_task, s, perm, alpha_s, A, scale, shift, mean, invstd, gamma = ctx.saved_tensors
-        g = g.contiguous().view_as(z)
-        grad, sums, (sum_ga, sum_gaz) = _ext.backward(g, z, k, row_task, s, A, True, scale, shift)
-        need = ctx.needs_input_grad
-        grad_alpha, grad_basis = _parameter_grads(need[5], need[6], sums, s, perm, alpha_s, z.dtype)
-        mean, invstd, gamma = mean.double(), invstd.double(), gamma.double()
-        sum_gax = invstd * (sum_gaz - mean * sum_ga)            # sum of g_a x per channel
-        c1 = gamma * invstd                                     # dL/dz = c1 g_a + c2 z + c3
-        if ctx.batch_stats:
-            n = z.numel() // mean.numel()
-            c2 = -c1 * invstd * sum_gax / n
-            c3 = -c1 * sum_ga / n - c2 * mean
-        else:
-            c2 = c3 = torch.zeros_like(c1)
-        _ext.channel_affine_(grad, z, c1, c2, c3)
-        return (grad.view(ctx.shape) if need[0] else None, sum_gax.to(z.dtype) if need[1] else None,
-                sum_ga.to(z.dtype) if need[2] else None, None, None, grad_alpha, grad_basis, None, None)
+def tal_activation_naive(a, alpha_rows, basis):
+    """The formula as written, building the [..., M] tensor: for tests and benchmarks.
+    ``alpha_rows`` broadcasts against ``a[..., None]`` (e.g. alpha[row_task][:, None, :])."""
+    return torch.relu(a) + (torch.relu(basis.reshape(-1) - a.unsqueeze(-1)) * alpha_rows).sum(-1)
 
 
-def fused_batchnorm_applies(z, bn, num_basis):
-    """Whether `tal_batchnorm_activation` can take z [R, C, H, W] and bn (the C++ kernel)."""
-    return (type(bn) is torch.nn.BatchNorm2d and z.dim() == 4 and z.device.type == "cpu"
-            and backend_for(z, num_basis) == "cpp")
+# ----------------------------------------------------------------------------- batch norm folded in
+@torch.library.custom_op("taan::channel_stats", mutates_args=(), device_types="cpu")
+def _channel_stats_op(z: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance (float64 [C]) of z [R, C, *] by two passes (C++)."""
+    return tuple(_tal_build.load_extension(required=True).channel_stats(z.contiguous().view(z.shape[0], -1),
+                                                                         channels))
+
+
+@_channel_stats_op.register_fake
+def _channel_stats_fake(z, channels):
+    return z.new_empty(channels, dtype=torch.float64), z.new_empty(channels, dtype=torch.float64)
+
+
+def _scale_shift(weight, bias, mean, invstd, dtype):
+    """a = z * scale + shift per channel: batch norm as an affine map."""
+    scale = (invstd if weight is None else weight * invstd).to(dtype)
+    shift = ((0 if bias is None else bias) - mean * scale).to(dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+@torch.library.custom_op("taan::tal_batchnorm_activation", mutates_args=(), device_types="cpu")
+def _bn_activation_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                      alpha: Tensor, basis: Tensor, row_task: Tensor, batch_stats: bool,
+                      keep_buckets: bool) -> tuple[Tensor, Tensor]:
+    """out = f_t(z * scale + shift) for z [R, C, *] (C++): batch norm inside the kernel.
+    ``batch_stats``: mean and invstd are z's own statistics (their gradient flows to z)."""
+    scale, shift = _scale_shift(weight, bias, mean, invstd, z.dtype)
+    out, k = _tal_build.load_extension(required=True).forward(
+        z.contiguous().view(z.shape[0], -1), row_task.contiguous(), alpha.contiguous(), basis.contiguous(),
+        keep_buckets, scale, shift)
+    return out.view(z.shape), k
+
+
+@_bn_activation_op.register_fake
+def _bn_activation_fake(z, weight, bias, mean, invstd, alpha, basis, row_task, batch_stats, keep_buckets):
+    keep = keep_buckets and basis.shape[1] <= 255
+    return z.new_empty(z.shape), z.new_empty((z.shape[0] if keep else 0, math.prod(z.shape[1:])), dtype=torch.uint8)
+
+
+@torch.library.custom_op("taan::tal_batchnorm_activation_backward", mutates_args=(), device_types="cpu")
+def _bn_activation_backward_op(grad: Tensor, z: Tensor, buckets: Tensor, weight: Optional[Tensor],
+                               bias: Optional[Tensor], mean: Tensor, invstd: Tensor, alpha: Tensor, basis: Tensor,
+                               row_task: Tensor, batch_stats: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of z, the batch norm's weight and bias, alpha and basis (see
+    `tal_batchnorm_activation`)."""
+    ext = _tal_build.load_extension(required=True)
+    shape, z = z.shape, z.contiguous().view(z.shape[0], -1)
+    scale, shift = _scale_shift(weight, bias, mean, invstd, z.dtype)
+    grad_z, grad_alpha, grad_basis, (sum_ga, sum_gaz) = ext.backward(
+        grad.contiguous().view_as(z), z, buckets.contiguous(), row_task.contiguous(), alpha.contiguous(),
+        basis.contiguous(), True, scale, shift)
+    mean, invstd = mean.double(), invstd.double()
+    gamma = torch.ones_like(invstd) if weight is None else weight.double()
+    sum_gax = invstd * (sum_gaz - mean * sum_ga)            # sum of g_a x per channel
+    c1 = gamma * invstd                                     # dL/dz = c1 g_a + c2 z + c3
+    if batch_stats:
+        n = z.numel() // mean.numel()
+        c2 = -c1 * invstd * sum_gax / n
+        c3 = -c1 * sum_ga / n - c2 * mean
+    else:
+        c2 = c3 = torch.zeros_like(c1)
+    ext.channel_affine_(grad_z, z, c1, c2, c3)
+    return grad_z.view(shape), sum_gax.to(z.dtype), sum_ga.to(z.dtype), grad_alpha, grad_basis
+
+
+@_bn_activation_backward_op.register_fake
+def _bn_activation_backward_fake(grad, z, buckets, weight, bias, mean, invstd, alpha, basis, row_task, batch_stats):
+    C = mean.shape[0]
+    return (z.new_empty(z.shape), z.new_empty(C), z.new_empty(C), alpha.new_empty(alpha.shape),
+            basis.new_empty(basis.shape))
+
+
+def _bn_activation_setup(ctx, inputs, output):
+    z, weight, bias, mean, invstd, alpha, basis, row_task, batch_stats, _ = inputs
+    ctx.batch_stats = batch_stats
+    ctx.save_for_backward(z, output[1], weight, bias, mean, invstd, alpha, basis, row_task)
+
+
+def _bn_activation_grad(ctx, grad, _):
+    z, buckets, weight, bias, mean, invstd, alpha, basis, row_task = ctx.saved_tensors
+    grads = _bn_activation_backward_op(grad, z, buckets, weight, bias, mean, invstd, alpha, basis, row_task,
+                                       ctx.batch_stats)
+    need = ctx.needs_input_grad
+    grad_z, grad_weight, grad_bias, grad_alpha, grad_basis = (g if n else None for g, n in
+                                                              zip(grads, (need[0], need[1], need[2], need[5], need[6])))
+    return grad_z, grad_weight, grad_bias, None, None, grad_alpha, grad_basis, None, None, None
+
+
+_bn_activation_op.register_autograd(_bn_activation_grad, setup_context=_bn_activation_setup)
+_BN_ACTIVATION = torch.ops.taan.tal_batchnorm_activation.default
+
+
+def fused_batchnorm_applies(z, bn):
+    """Whether `tal_batchnorm_activation` can take z [R, C, H, W] and bn: a BatchNorm2d, and
+    float CPU tensors that run the C++ kernel."""
+    return (type(bn) is torch.nn.BatchNorm2d and z.dim() == 4 and z.device.type == "cpu" and z.dtype in FLOATS
+            and _cpu_runs_cpp())
 
 
 def tal_batchnorm_activation(z, bn, alpha, basis, row_task):
     """f_t(bn(z)) for z [R, C, H, W], row r with task row_task[r], and a BatchNorm2d `bn`,
     which behaves as in ``bn(z)``: batch statistics and the running-statistics update in
-    training mode, the running statistics in eval mode."""
+    training mode, the running statistics in eval mode. Batch norm is computed inside the
+    kernel, so the normalised tensor is never stored (the backward pass recomputes it from
+    z, which batch norm keeps anyway). Backward, with g_a = dL/da = g f'(a), n elements per
+    channel, x = (z - mean) invstd:
+
+        dL/dweight = sum g_a x,   dL/dbias = sum g_a,
+        dL/dz = weight invstd (g_a - mean(g_a) - x mean(g_a x))   (batch statistics)
+              = weight invstd g_a                                  (running statistics)."""
     batch_stats = bn.training or bn.running_mean is None
     with torch.no_grad():
         if batch_stats:
             n = z.numel() // z.shape[1]
             if n <= 1:
                 raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(z.shape)}")
-            mean, var = (t.to(z.dtype) for t in _ext.channel_stats(z.contiguous().view(z.shape[0], -1), z.shape[1]))
+            mean, var = (t.to(z.dtype) for t in _channel_stats_op(z, z.shape[1]))
             if bn.training and bn.track_running_stats:
                 bn.num_batches_tracked.add_(1)
                 m = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
@@ -389,10 +437,6 @@ def tal_batchnorm_activation(z, bn, alpha, basis, row_task):
         else:
             mean, var = bn.running_mean, bn.running_var
         invstd = torch.rsqrt(var + bn.eps)
-    return TALBatchNormActivation.apply(z, bn.weight, bn.bias, mean, invstd, alpha, basis, row_task, batch_stats)
-
-
-def tal_activation_naive(a, alpha_rows, basis):
-    """The formula as written, building the [..., M] tensor: for tests and benchmarks.
-    ``alpha_rows`` broadcasts against ``a[..., None]`` (e.g. alpha[row_task][:, None, :])."""
-    return torch.relu(a) + (torch.relu(basis.reshape(-1) - a.unsqueeze(-1)) * alpha_rows).sum(-1)
+    basis = basis.view(-1, alpha.shape[1])
+    return _BN_ACTIVATION(z, bn.weight, bn.bias, mean, invstd, alpha, basis, row_task, batch_stats,
+                          basis.shape[1] <= KEEP_BUCKETS_MAX_BASIS)[0]

@@ -16,9 +16,12 @@ fail silently on a bad id or shape.
 """
 from dataclasses import dataclass
 import operator
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.utils import _pair
 
 
 @dataclass
@@ -33,18 +36,21 @@ class TaskSpec:
 
 
 def check_task_range(ids, num_tasks, error=IndexError, owner="this layer was built for"):
-    """Every id in 0..num_tasks-1. On the CPU at once (`error`, saying "... but {owner} N
-    tasks"); on a GPU without waiting for it, as PyTorch checks its own indices there: reading
-    the ids back would stall the device's queue at every call, so a bad id stops the run at
-    its next synchronisation with a device-side assert instead."""
+    """Every id in 0..num_tasks-1. In an eager call on the CPU at once (`error`, saying "...
+    but {owner} N tasks"). On a GPU, and inside a compiled model, without waiting for the
+    device, as PyTorch checks its own indices there: a device-side assert (reading the ids
+    back would stall the device's queue at every call, and break a compiled graph), so a bad
+    id stops the run at its next synchronisation."""
+    if torch.compiler.is_compiling() or ids.device.type != "cpu":
+        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all(),
+                            f"task id out of range: {owner} {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
+        return
     if not ids.numel():
         return
-    if ids.device.type != "cpu":
-        torch._assert_async(((ids >= 0) & (ids < num_tasks)).all())
-        return
     lo, hi = torch.aminmax(ids)
+    lo, hi = int(lo), int(hi)
     if lo < 0 or hi >= num_tasks:
-        raise error(f"task id out of range: got ids in [{int(lo)}, {int(hi)}], "
+        raise error(f"task id out of range: got ids in [{lo}, {hi}], "
                     f"but {owner} {num_tasks} tasks (valid ids 0..{num_tasks - 1})")
 
 
@@ -54,7 +60,10 @@ def parse_task(task, num_tasks, x, feature_dims, per_row=False, name="layer"):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
     if isinstance(task, torch.Tensor) and task.dim() == 0 and not per_row:
-        task = task.item()
+        if not torch.compiler.is_compiling():
+            task = task.item()
+        elif not (task.is_floating_point() or task.is_complex() or task.dtype == torch.bool):
+            return _single(task.reshape(1).to(device=x.device, dtype=torch.long), num_tasks, x, feature_dims, name)
     if per_row:
         if not isinstance(task, torch.Tensor) or task.dim() != 1:
             raise TypeError(f"{name}: per_row=True needs task as a 1-D LongTensor with one id per row, "
@@ -89,10 +98,17 @@ def parse_task(task, num_tasks, x, feature_dims, per_row=False, name="layer"):
     if not 0 <= t < num_tasks:
         raise IndexError(f"{name}: task id {t} out of range; this layer was built for {num_tasks} tasks "
                          f"(valid ids 0..{num_tasks - 1})")
+    return _single(torch.tensor([t], device=x.device), None, x, feature_dims, name)
+
+
+def _single(ids, num_tasks, x, feature_dims, name):
+    """The TaskSpec of one task id (ids [1]; its range checked here unless num_tasks is None)."""
+    if num_tasks is not None:
+        check_task_range(ids, num_tasks)
     if x.dim() != 1 + feature_dims:
         raise ValueError(f"{name}: with an int task x must have {1 + feature_dims} dims, got shape "
                          f"{tuple(x.shape)} (a [B, k, ...] input needs a tensor of k task ids)")
-    return TaskSpec("single", torch.tensor([t], device=x.device))
+    return TaskSpec("single", ids)
 
 
 def check_width(x, expected, dim, name, what="features"):
@@ -119,19 +135,162 @@ def rows_by_task(ids):
     return tasks, group, slot, int(counts.max())
 
 
+# Per-row tasks with per-task weights: how many rows each task has is only known from the ids'
+# values, so the grouping runs inside registered operators, which a compiled model calls as
+# single nodes of fixed output shape (no graph break, no data-dependent shapes).
+
+@torch.library.custom_op("taan::rows_linear", mutates_args=())
+def rows_linear(h: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """y[i] = h[i] @ weight[ids[i]] + bias[ids[i]] for h [B, r], ids [B], weight [T, r, out],
+    bias [T, out] or None: the rows of each task present lined up in a zero-padded
+    [k, rows, r] tensor and multiplied in one batched product."""
+    if not ids.numel():
+        return h.new_zeros(0, weight.shape[2])
+    tasks, group, slot, size = rows_by_task(ids)
+    H = h.new_zeros(len(tasks), size, h.shape[-1])
+    H[group, slot] = h
+    M = weight[tasks]
+    Y = torch.bmm(H, M) if bias is None else torch.baddbmm(bias[tasks].unsqueeze(1), H, M)
+    return Y[group, slot]
+
+
+@rows_linear.register_fake
+def _rows_linear_fake(h, ids, weight, bias):
+    return h.new_empty(h.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op("taan::rows_linear_backward", mutates_args=())
+def _rows_linear_backward(grad: Tensor, h: Tensor, ids: Tensor, weight: Tensor,
+                          with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of h [B, r], weight [T, r, out] and bias [T, out] ([0] without a bias)."""
+    T, _, out = weight.shape
+    grad_h, grad_w = h.new_zeros(h.shape), weight.new_zeros(weight.shape)
+    grad_b = weight.new_zeros((T, out) if with_bias else (0,))
+    if ids.numel():
+        tasks, group, slot, size = rows_by_task(ids)
+        H = h.new_zeros(len(tasks), size, h.shape[-1])
+        H[group, slot] = h
+        G = grad.new_zeros(len(tasks), size, out)
+        G[group, slot] = grad
+        grad_h = torch.bmm(G, weight[tasks].transpose(1, 2))[group, slot]
+        grad_w[tasks] = torch.bmm(H.transpose(1, 2), G)
+        if with_bias:
+            grad_b[tasks] = G.sum(1)
+    return grad_h, grad_w, grad_b
+
+
+@_rows_linear_backward.register_fake
+def _rows_linear_backward_fake(grad, h, ids, weight, with_bias):
+    T, _, out = weight.shape
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty((T, out) if with_bias else (0,))
+
+
+def _rows_linear_setup(ctx, inputs, output):
+    h, ids, weight, bias = inputs
+    ctx.with_bias = bias is not None
+    ctx.save_for_backward(h, ids, weight)
+
+
+def _rows_linear_grad(ctx, grad):
+    h, ids, weight = ctx.saved_tensors
+    grad_h, grad_w, grad_b = _rows_linear_backward(grad, h, ids, weight, ctx.with_bias)
+    return grad_h, None, grad_w, (grad_b if ctx.with_bias else None)
+
+
+rows_linear.register_autograd(_rows_linear_grad, setup_context=_rows_linear_setup)
+
+
+def _grid(x, ids):
+    """(tasks, group, slot, X): the rows x [B, C, H, W] of each task present in channel group j
+    of X [rows, k * C, H, W] (zero-padded)."""
+    tasks, group, slot, size = rows_by_task(ids)
+    X = x.new_zeros(size, len(tasks), *x.shape[1:])
+    X[slot, group] = x
+    return tasks, group, slot, X.view(size, -1, *x.shape[2:])
+
+
+@torch.library.custom_op("taan::rows_conv2d", mutates_args=())
+def rows_conv2d(x: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
+                padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    """y[i] = conv2d(x[i], weight[ids[i]]) + bias[ids[i]] for x [B, C, H, W], ids [B], weight
+    [T, out, C / groups, kh, kw]: the rows of the k tasks present as one grouped convolution."""
+    T, out = weight.shape[:2]
+    if not ids.numel():
+        return x.new_zeros(_conv_out_shape(x, weight, stride, padding, dilation))
+    tasks, group, slot, X = _grid(x, ids)
+    K = weight[tasks]
+    y = F.conv2d(X, K.reshape(-1, *K.shape[2:]), None if bias is None else bias[tasks].reshape(-1),
+                 stride, padding, dilation, len(tasks) * groups)
+    return y.view(y.shape[0], len(tasks), out, *y.shape[2:])[slot, group]
+
+
+def _conv_out_shape(x, weight, stride, padding, dilation):
+    """[B, out, H', W'] of a convolution of x [B, C, H, W] with kernels [T, out, C/g, kh, kw]."""
+    size = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+            for n, k, s, p, d in zip(x.shape[2:], weight.shape[3:], stride, padding, dilation)]
+    return (x.shape[0], weight.shape[1], *size)
+
+
+@rows_conv2d.register_fake
+def _rows_conv2d_fake(x, ids, weight, bias, stride, padding, dilation, groups):
+    return x.new_empty(_conv_out_shape(x, weight, stride, padding, dilation))
+
+
+@torch.library.custom_op("taan::rows_conv2d_backward", mutates_args=())
+def _rows_conv2d_backward(grad: Tensor, x: Tensor, ids: Tensor, weight: Tensor, with_bias: bool, stride: list[int],
+                          padding: list[int], dilation: list[int], groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of x, weight and bias ([0] without a bias) of `rows_conv2d`."""
+    from torch.nn.grad import conv2d_input, conv2d_weight
+    T, out = weight.shape[:2]
+    grad_x, grad_w = x.new_zeros(x.shape), weight.new_zeros(weight.shape)
+    grad_b = weight.new_zeros((T, out) if with_bias else (0,))
+    if ids.numel():
+        tasks, group, slot, X = _grid(x, ids)
+        k = len(tasks)
+        G = grad.new_zeros(X.shape[0], k, *grad.shape[1:])
+        G[slot, group] = grad
+        G = G.view(X.shape[0], k * out, *grad.shape[2:])
+        K = weight[tasks].reshape(k * out, *weight.shape[2:])
+        grad_X = conv2d_input(X.shape, K, G, stride, padding, dilation, k * groups)
+        grad_x = grad_X.view(X.shape[0], k, *x.shape[1:])[slot, group]
+        grad_w[tasks] = conv2d_weight(X, K.shape, G, stride, padding, dilation, k * groups).view(k, *weight.shape[1:])
+        if with_bias:
+            grad_b[tasks] = G.sum((0, 2, 3)).view(k, out)
+    return grad_x, grad_w, grad_b
+
+
+@_rows_conv2d_backward.register_fake
+def _rows_conv2d_backward_fake(grad, x, ids, weight, with_bias, stride, padding, dilation, groups):
+    T, out = weight.shape[:2]
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty((T, out) if with_bias else (0,))
+
+
+def _rows_conv2d_setup(ctx, inputs, output):
+    x, ids, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.with_bias, ctx.conv = bias is not None, (stride, padding, dilation, groups)
+    ctx.save_for_backward(x, ids, weight)
+
+
+def _rows_conv2d_grad(ctx, grad):
+    x, ids, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _rows_conv2d_backward(grad, x, ids, weight, ctx.with_bias, *ctx.conv)
+    return grad_x, None, grad_w, (grad_b if ctx.with_bias else None), None, None, None, None
+
+
+rows_conv2d.register_autograd(_rows_conv2d_grad, setup_context=_rows_conv2d_setup)
+
+ALL_TASKS = slice(None)     # what `weights` / `kernels` get for the per-row mode: every task's
+
+
 def task_linear(h, spec, weights):
     """y = h @ M_t + b_t for the tasks of `spec` (a TaskSpec from parse_task).
 
-    `weights(ids)` returns (M [k, r, out], b [k, out] or None) for a LongTensor of k ids.
-    h is [B, r] (int task, shared input, per-row tasks) or [B, k, r] (one input per task).
-    Output: [B, out] for an int task or per-row tasks, [B, k, out] for k ids."""
+    `weights(ids)` returns (M [k, r, out], b [k, out] or None) for a LongTensor of k ids, or
+    for ALL_TASKS (a slice) every task's. h is [B, r] (int task, shared input, per-row tasks)
+    or [B, k, r] (one input per task). Output: [B, out] for an int task or per-row tasks,
+    [B, k, out] for k ids."""
     if spec.kind == 'rows':
-        tasks, group, slot, size = rows_by_task(spec.ids)
-        M, b = weights(tasks)
-        H = h.new_zeros(len(tasks), size, h.shape[-1])
-        H[group, slot] = h
-        Y = torch.bmm(H, M) if b is None else torch.baddbmm(b.unsqueeze(1), H, M)
-        return Y[group, slot]
+        return rows_linear(h, spec.ids, *weights(ALL_TASKS))
     M, b = weights(spec.ids)
     k, r, out = M.shape
     if spec.kind == 'single':
@@ -148,7 +307,8 @@ def task_linear(h, spec, weights):
 def task_conv2d(x, spec, kernels, stride, padding, dilation, groups):
     """Per-task 2-D convolution for the tasks of `spec`, as one grouped convolution.
 
-    `kernels(ids)` returns (K [k, out, C/groups, kh, kw], b [k, out] or None). The k inputs
+    `kernels(ids)` returns (K [k, out, C/groups, kh, kw], b [k, out] or None), for ids as in
+    `task_linear`. The k inputs
     are stacked along channels and convolved with groups = k * groups, so task j only
     sees its own input channels. x is [B, C, H, W] (int task, shared, per-row) or
     [B, k, C, H, W]; output [B, out, H', W'] or [B, k, out, H', W']."""
@@ -162,11 +322,8 @@ def task_conv2d(x, spec, kernels, stride, padding, dilation, groups):
         K, b = kernels(spec.ids)
         return F.conv2d(x, K[0], None if b is None else b[0], stride, padding, dilation, groups)
     if spec.kind == 'rows':
-        tasks, group, slot, size = rows_by_task(spec.ids)
-        K, b = kernels(tasks)
-        X = x.new_zeros(size, len(tasks), *x.shape[1:])
-        X[slot, group] = x
-        return stacked(X, K, b)[slot, group]
+        return rows_conv2d(x, spec.ids, *kernels(ALL_TASKS), list(_pair(stride)), list(_pair(padding)),
+                           list(_pair(dilation)), groups)
     K, b = kernels(spec.ids)
     X = x.unsqueeze(1).expand(-1, spec.k, *x.shape[1:]) if spec.shared else x
     return stacked(X, K, b)

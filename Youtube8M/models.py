@@ -53,7 +53,8 @@ def concat_tasks(xs):
     sizes = [x.shape[0] for x in xs]
     x = torch.cat(list(xs), dim=0)
     # made on the CPU and copied without waiting: a list copied to a GPU would stall its queue
-    task_ids = torch.repeat_interleave(torch.arange(len(xs)), torch.tensor(sizes)).to(x.device, non_blocking=True)
+    task_ids = torch.repeat_interleave(torch.arange(len(xs)), torch.tensor(sizes), output_size=x.shape[0])
+    task_ids = task_ids.to(x.device, non_blocking=True)
     return x, task_ids, sizes
 
 

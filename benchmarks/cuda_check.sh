@@ -56,7 +56,7 @@ python3 -c "import torch, triton, ignite; print('torch', torch.__version__, 'tri
 
 # The CPU side of the CPU-against-CUDA tests uses the C++ kernel: build it (about a minute on
 # one core) while the GPU benchmarks run; without a compiler the PyTorch path runs instead.
-timeout 240 python3 -c "from Layers._tal_kernel import _load_extension; print('C++ kernel:', _load_extension())" \
+timeout 240 python3 -c "from Layers._tal_build import load_extension; print('C++ kernel:', load_extension())" \
   > "$out/cpp_build.log" 2>&1 &
 build=$!
 

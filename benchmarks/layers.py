@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from _peak import reset_peak, resident, run_child  # noqa: E402  (benchmarks/_peak.py)
 from _timing import CUDA_CALLS, sync, timed  # noqa: E402  (benchmarks/_timing.py)
 from Layers import TAL_Linear  # noqa: E402
+from Layers import _tal_kernel  # noqa: E402
 from Layers._tal_kernel import backend_for, tal_activation_naive  # noqa: E402
 
 ROWS, FEATURES, TASKS = 4096, 1024, 16
@@ -51,7 +52,7 @@ def setup(method, basis, device):
 
 
 def set_backend(method):
-    os.environ["TAAN_TAL_BACKEND"] = "torch" if method == "tal[torch]" else "auto"
+    _tal_kernel.set_backend("torch" if method == "tal[torch]" else "auto")
 
 
 def time_all(basis, device, repeats):

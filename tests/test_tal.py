@@ -1,7 +1,6 @@
 """TAL layers: exactness against the naive formula, gradients, regularisers, errors."""
 import copy
 import math
-import os
 
 import numpy as np
 import pytest
@@ -10,16 +9,22 @@ import torch.nn.functional as F
 
 from Layers import TAL_Conv2d, TAL_Linear
 from Layers import TAL_pytorch as tal
-from Layers import _tal_kernel
+from Layers import _tal_build, _tal_kernel
 
 BACKENDS = ["torch", "cpp"]
 
 
+def use_backend(monkeypatch, name):
+    """Run the rest of the test on the TAL backend `name` (restored afterwards)."""
+    monkeypatch.setattr(_tal_kernel, "_backend", _tal_kernel._backend)
+    _tal_kernel.set_backend(name)
+    if name == "cpp":
+        assert _tal_build.load_extension() is not None, "the C++ kernel must build on this machine"
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setenv("TAAN_TAL_BACKEND", request.param)
-    if request.param == "cpp":
-        assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
+    use_backend(monkeypatch, request.param)
     return request.param
 
 
@@ -30,7 +35,7 @@ def naive_layer(layer, x, task, per_row=False):
     per_task_input = isinstance(task, torch.Tensor) and not per_row and x.dim() == 2 + fd
     xin = x.flatten(0, 1) if per_task_input else x
     a = layer._conv_forward(xin, layer.weight, layer.bias) if conv else F.linear(xin, layer.weight, layer.bias)
-    if hasattr(layer, "bn"):
+    if layer.bn is not None:
         a = layer.bn(a)
     b = layer.basis.reshape(-1)
     pad = (1,) * (a.dim() - 1)                       # broadcast alpha over the feature dims
@@ -167,22 +172,102 @@ def test_gradcheck(backend, kind, mode):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)
 
 
-def test_backends_agree_in_float32():
+def naive_grouped(a, alpha, basis, rt):
+    """The activation with grouped bases, as written: row r uses alpha[t] and basis[t // (T / G)]."""
+    b = basis[rt // (alpha.shape[0] // basis.shape[0])]                       # [R, M]
+    return torch.relu(a) + (torch.relu(b[:, None, :] - a[:, :, None]) * alpha[rt][:, None, :]).sum(-1)
+
+
+@pytest.mark.parametrize("G, Tg, M", [(1, 5, 7), (3, 4, 6), (2, 1, 300), (4, 2, 1)])
+def test_grouped_bases_match_naive_formula(backend, G, Tg, M):
+    """basis [G, M]: task t uses group t // Tg's basis (R runs stacked in one call)."""
+    g = torch.Generator().manual_seed(G * 100 + M)
+    a = torch.randn(9, 23, dtype=torch.float64, generator=g, requires_grad=True)
+    alpha = torch.randn(G * Tg, M, dtype=torch.float64, generator=g, requires_grad=True)
+    basis = torch.randn(G, M, dtype=torch.float64, generator=g, requires_grad=True)
+    rt = torch.randint(0, G * Tg, (9,), generator=g)
+    out = _tal_kernel.tal_activation(a, alpha, basis, rt)
+    ref = naive_grouped(a, alpha, basis, rt)
+    assert (out - ref).abs().max().item() < 1e-10
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    for u, v in zip(torch.autograd.grad(out, (a, alpha, basis), grad), torch.autograd.grad(ref, (a, alpha, basis), grad)):
+        assert (u - v).abs().max().item() < 1e-10
+    small = [t.detach()[:, :2].clone().requires_grad_() if t is a else t for t in (a, alpha, basis)]
+    assert torch.autograd.gradcheck(lambda *x: _tal_kernel.tal_activation(*x, rt), small,
+                                    eps=1e-6, atol=1e-7)
+
+
+def test_grouped_call_equals_one_call_per_group(backend):
+    """R runs stacked (basis [R, M], alpha [R * T, M]) give each run what its own call gives."""
+    g = torch.Generator().manual_seed(11)
+    R, T, M = 3, 4, 5
+    a = torch.randn(R, 6, 10, dtype=torch.float64, generator=g)
+    alpha = torch.randn(R, T, M, dtype=torch.float64, generator=g)
+    basis = torch.randn(R, 1, M, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, T, (6,), generator=g)
+    rows = (torch.arange(R)[:, None] * T + ids[None, :]).reshape(-1)
+    stacked = _tal_kernel.tal_activation(a.reshape(R * 6, 10), alpha.reshape(R * T, M), basis.reshape(R, M), rows)
+    for r in range(R):
+        assert torch.equal(stacked.view(R, 6, 10)[r], _tal_kernel.tal_activation(a[r], alpha[r], basis[r], ids))
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["buckets-kept", "buckets-found-again"])
+def test_operators_pass_opcheck(backend, keep):
+    """The registered operators: schema, fake kernels (shapes for the compiler), autograd
+    registration and AOT tracing with dynamic shapes (torch.library.opcheck)."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(6, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    alpha = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    basis = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    rt = torch.tensor([0, 5, 3, 2, 2, 1])
+    ops = torch.ops.taan
+    torch.library.opcheck(ops.tal_activation.default, (a, alpha, basis, rt, keep))
+    out, k = ops.tal_activation(a.detach(), alpha.detach(), basis.detach(), rt, keep)
+    assert k.shape == ((6, 10) if keep else (0, 10))
+    torch.library.opcheck(ops.tal_activation_backward.default,
+                          (torch.randn_like(out), a.detach(), k, alpha.detach(), basis.detach(), rt, True))
+    if backend == "cpp":     # batch norm inside the kernel: the C++ kernel only
+        z = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+        w = torch.rand(3, dtype=torch.float64, generator=g).requires_grad_()
+        b = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
+        torch.library.opcheck(ops.channel_stats.default, (z.detach(), 3))
+        mean, var = ops.channel_stats(z.detach(), 3)
+        assert torch.allclose(mean, z.detach().mean((0, 2, 3))) and torch.allclose(var, z.detach().var((0, 2, 3), unbiased=False))
+        invstd = torch.rsqrt(var + 1e-5)
+        rt2 = torch.tensor([0, 4, 2, 2])
+        al = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        bs = torch.randn(1, 4, dtype=torch.float64, generator=g, requires_grad=True)
+        for weight, bias, batch_stats in ((w, b, True), (w, b, False), (None, None, True)):
+            torch.library.opcheck(ops.tal_batchnorm_activation.default,
+                                  (z, weight, bias, mean, invstd, al, bs, rt2, batch_stats, keep))
+
+
+def test_a_second_derivative_is_refused(backend):
+    a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    alpha, basis = torch.randn(2, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
+    out = _tal_kernel.tal_activation(a, alpha, basis, torch.tensor([0, 1, 1, 0]))
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(out.sum(), a, create_graph=True)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_backends_agree_in_float32(groups, monkeypatch):
+    """The C++ kernel and the PyTorch path build the same tables and sum in float64: the same
+    float32 bits, outputs and gradients (grouped bases too)."""
     torch.manual_seed(0)
     a = torch.randn(37, 101)
-    alpha, basis = torch.randn(4, 9, requires_grad=True), (torch.rand(1, 9) - .5).requires_grad_()
-    rt = torch.randint(0, 4, (37,))
+    alpha = torch.randn(4 * groups, 9, requires_grad=True)
+    basis = (torch.rand(groups, 9) - .5).requires_grad_()
+    rt = torch.randint(0, 4 * groups, (37,))
     g = torch.randn(37, 101)
     res = {}
     for be in BACKENDS:
-        os.environ["TAAN_TAL_BACKEND"] = be
+        use_backend(monkeypatch, be)
         aa = a.clone().requires_grad_()
         out = _tal_kernel.tal_activation(aa, alpha, basis, rt)
         res[be] = (out,) + torch.autograd.grad(out, (aa, alpha, basis), g)
-    os.environ.pop("TAAN_TAL_BACKEND")
-    assert torch.equal(res["torch"][0], res["cpp"][0])      # same formula, same rounding
-    for u, v in zip(res["torch"][1:], res["cpp"][1:]):
-        assert torch.allclose(u, v, rtol=1e-6, atol=1e-6)
+    for u, v in zip(res["torch"], res["cpp"]):
+        assert torch.equal(u, v)
 
 
 def test_activation_saves_memory_linear_in_elements(backend):
@@ -449,34 +534,34 @@ def inputs_for(s, g, dtype):
 @pytest.mark.parametrize("case", ["random", "ties", "crowded", "equal", "one", "huge", "tiny", "large"])
 def test_cpp_buckets_equal_searchsorted(case, dtype):
     """The kernel's bucket of every element is #{m : s_m <= a} exactly, whatever the basis."""
-    ext = _tal_kernel._load_extension()
-    assert ext is not None, "the C++ kernel must build on this machine"
+    assert _tal_build.load_extension() is not None, "the C++ kernel must build on this machine"
     g = torch.Generator().manual_seed(7)
     s = basis_case(case, dtype, g)
+    basis = s[torch.randperm(s.numel(), generator=g)].view(1, -1)       # the kernel sorts it
     M, T = s.numel(), 3
     a = inputs_for(s, g, dtype)
     rt = torch.tensor([0, 2, 1, 1, 0, 2])
     alpha = torch.randn(T, M, generator=g, dtype=dtype)
-    s_, _, _, A, S = _tal_kernel._sorted_tables(alpha, s.view(1, -1))
-    out, k = _tal_kernel._cpp_forward(a, rt, s_, A, S, True)
-    ref_out, ref_k = _tal_kernel._torch_forward(a, rt, s_, A, S, True)
+    out, k = _tal_kernel._cpp_forward(a, alpha, basis, rt, True)
+    ref_out, ref_k = _tal_kernel._torch_forward(a, alpha, basis, rt, True)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0, equal_nan=True)   # same buckets, same rounding
     if M <= 255:        # NaN: bucket 0 here, M in searchsorted; the output is NaN either way
         assert torch.equal(k[~a.isnan()], ref_k[~a.isnan()])
     finite = torch.nan_to_num(a, nan=0.0, posinf=1e3, neginf=-1e3)       # finite sums to compare
     gr = torch.randn(a.shape, generator=g, dtype=dtype)
-    k = _tal_kernel._cpp_forward(finite, rt, s_, A, S, True)[1]
-    grad_a, sums = _tal_kernel._cpp_backward(gr, finite, k, rt, s_, A, True)
-    ref_grad_a, ref_sums = _tal_kernel._torch_backward(gr, finite, ref_k[:0], rt, s_, A, True)
-    torch.testing.assert_close(grad_a, ref_grad_a, rtol=0, atol=0)
-    torch.testing.assert_close(sums, ref_sums, rtol=1e-12, atol=1e-9)
+    k = _tal_kernel._cpp_forward(finite, alpha, basis, rt, True)[1]
+    got = _tal_kernel._cpp_backward(gr, finite, k, alpha, basis, rt, True)
+    want = _tal_kernel._torch_backward(gr, finite, ref_k[:0], alpha, basis, rt, True)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    for u, v in zip(got[1:], want[1:]):
+        torch.testing.assert_close(u, v, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-9)
 
 
 # ------------------------------------------------------------------------ batch norm in the kernel
 def run_conv(layer, x, task, per_row, backend, monkeypatch):
     """Output, gradients (x, conv, batch norm, alpha, basis), batch norm buffers after one call,
     and how many times batch norm ran inside the kernel."""
-    monkeypatch.setenv("TAAN_TAL_BACKEND", backend)
+    use_backend(monkeypatch, backend)
     fused_calls = []
 
     def counted(*args):
@@ -498,7 +583,7 @@ def test_batchnorm_in_the_kernel_equals_batchnorm_then_activation(mode, train, m
     """TAL_Conv2d on the C++ kernel folds batch norm into the activation (the normalised
     tensor is never stored); the result is nn.BatchNorm2d followed by the activation, running
     statistics included."""
-    assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
+    assert _tal_build.load_extension() is not None, "the C++ kernel must build on this machine"
     layer = make("conv", bn=True)
     layer.bn.momentum = momentum
     with torch.no_grad():
@@ -518,7 +603,7 @@ def test_batchnorm_in_the_kernel_equals_batchnorm_then_activation(mode, train, m
 
 
 def test_batchnorm_in_the_kernel_gradcheck(monkeypatch):
-    monkeypatch.setenv("TAAN_TAL_BACKEND", "cpp")
+    use_backend(monkeypatch, "cpp")
     torch.manual_seed(3)
     layer = TAL_Conv2d(2, 2, 2, 4, 3, bn=True).double()
     with torch.no_grad():

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from Layers import _tal_kernel
+from Layers import _tal_build
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,8 +33,9 @@ with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out = K.tal_activation(a, alpha, basis, rt)
 err = (out - K.tal_activation_naive(a, alpha[rt][:, None, :], basis)).abs().max().item()
+from Layers import _tal_build
 print(json.dumps({"backend": K.backend_for(a), "err": err, "seconds": time.monotonic() - t0,
-                  "module": K.__file__, "directory": K.build_directory(),
+                  "module": K.__file__, "directory": _tal_build.build_directory(),
                   "warnings": [str(w.message) for w in caught]}))
 """
 
@@ -58,16 +59,16 @@ def first_forward(bound_s, cwd=ROOT, **env):
 def unfinished_build():
     """The build folder as a killed build leaves it: no `built` mark. Yields the folder and
     a context manager holding its build lock; puts the mark back if the test did not."""
-    assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
-    directory = _tal_kernel.build_directory()
+    assert _tal_build.load_extension() is not None, "the C++ kernel must build on this machine"
+    directory = _tal_build.build_directory()
     mark = os.path.join(directory, "built")
     aside = f"{mark}.{os.getpid()}.aside"
-    with _tal_kernel._build_lock(directory, wait_s=600):     # no live builder meanwhile
+    with _tal_build._build_lock(directory, wait_s=600):     # no live builder meanwhile
         os.replace(mark, aside)
     try:
-        yield directory, lambda: _tal_kernel._build_lock(directory, wait_s=600)
+        yield directory, lambda: _tal_build._build_lock(directory, wait_s=600)
     finally:
-        with _tal_kernel._build_lock(directory, wait_s=600):
+        with _tal_build._build_lock(directory, wait_s=600):
             if os.path.exists(mark):
                 os.remove(aside)
             else:
@@ -102,18 +103,18 @@ def test_waits_for_a_live_builder_only_until_the_deadline(unfinished_build):
 def test_checkouts_at_other_paths_share_the_build(tmp_path):
     """An installed (non-editable) copy elsewhere finds its source beside the module, keys
     the build by content and loads the kernel already built, without building again."""
-    assert _tal_kernel._load_extension() is not None, "the C++ kernel must build on this machine"
+    assert _tal_build.load_extension() is not None, "the C++ kernel must build on this machine"
     shutil.copytree(os.path.join(ROOT, "Layers"), tmp_path / "Layers",
                     ignore=shutil.ignore_patterns("__pycache__"))
     result = first_forward(bound_s=120, cwd=tmp_path, PYTHONPATH=str(tmp_path))
     assert result["module"].startswith(str(tmp_path))
-    assert result["directory"] == _tal_kernel.build_directory()
+    assert result["directory"] == _tal_build.build_directory()
     assert result["backend"] == "cpp" and result["err"] < 1e-10
     assert "building" not in result["stderr"]
 
 
 def test_build_key_covers_what_makes_binaries_incompatible():
-    key, parts = _tal_kernel.build_key()
+    key, parts = _tal_build.build_key()
     assert set(parts) >= {"source", "cflags", "torch", "python", "cpu_flags"}
     assert "-march=native" in parts["cflags"]
-    assert os.path.basename(_tal_kernel.build_directory()) == f"taan_tal_{key}"
+    assert os.path.basename(_tal_build.build_directory()) == f"taan_tal_{key}"

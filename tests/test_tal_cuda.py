@@ -135,4 +135,4 @@ def test_a_bad_task_id_on_cuda_stops_the_run_at_the_next_synchronisation():
             "layer(torch.randn(3, 4, device='cuda'), torch.tensor([0, 1, 2], device='cuda'), per_row=True); "
             "torch.cuda.synchronize()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode != 0 and "_assert_async_cuda_kernel" in done.stderr, done.stderr[-2000:]
+    assert done.returncode != 0 and "_assert_async" in done.stderr, done.stderr[-2000:]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from Layers import _tal_kernel
-from test_tal import basis_case, inputs_for
+from test_tal import basis_case, inputs_for, naive_grouped
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -37,7 +37,7 @@ needs_kernels = pytest.mark.skipif(_why is not None, reason=_why or "")
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("TAAN_TAL_BACKEND", "triton")
+    monkeypatch.setattr(_tal_kernel, "_backend", "triton")
 
 
 def case(R, N, T, M, dtype, seed=0):
@@ -84,6 +84,45 @@ def test_float64_equals_naive(M, keep, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("shape", [(9, 23), (1, 3000), (3, 2500)], ids=["rows", "one-row-in-pieces", "pieces"])
+def test_grouped_bases_float64_equal_naive(shape):
+    """basis [G, M], task t in group t // Tg: one call for R runs stacked."""
+    g = torch.Generator().manual_seed(5)
+    G, Tg, M = 3, 2, 16
+    a = torch.randn(*shape, generator=g, dtype=torch.float64)
+    alpha = torch.randn(G * Tg, M, generator=g, dtype=torch.float64)
+    basis = torch.randn(G, M, generator=g, dtype=torch.float64)
+    rt = torch.randint(0, G * Tg, (shape[0],), generator=g)
+    grad = torch.randn(*shape, generator=g, dtype=torch.float64)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (a, alpha, basis)]
+    out = _tal_kernel.tal_activation(*leaves, rt.to(DEVICE))
+    ref = naive_grouped(*leaves, rt.to(DEVICE))
+    assert (out - ref).abs().max().item() < 1e-10
+    for u, v in zip(torch.autograd.grad(out, leaves, grad.to(DEVICE)), torch.autograd.grad(ref, leaves, grad.to(DEVICE))):
+        assert (u - v).abs().max().item() < 1e-10
+
+
+@needs_kernels
+def test_backward_gives_the_same_bits_every_run():
+    """No atomics: each program writes its own slot and a fixed-order reduction sums them."""
+    a, alpha, basis, rt, grad = case(40, 5000, T=4, M=32, dtype=torch.float32, seed=9)
+    runs = []
+    for _ in range(3):
+        leaves = [t.detach().clone().requires_grad_() for t in (a, alpha, basis)]
+        out = _tal_kernel.tal_activation(*leaves, rt)
+        runs.append(torch.autograd.grad(out, leaves, grad))
+    for later in runs[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(runs[0], later))
+
+
+@needs_kernels
+def test_operator_passes_opcheck():
+    a, alpha, basis, rt, grad = case(6, 40, T=3, M=5, dtype=torch.float64, seed=4)
+    leaves = [t.requires_grad_() for t in (a, alpha, basis)]
+    torch.library.opcheck(torch.ops.taan.tal_activation.default, (*leaves, rt, True))
+
+
+@needs_kernels
 def test_gradcheck_float64():
     a, alpha, basis, rt, _ = case(3, 7, T=2, M=4, dtype=torch.float64, seed=3)
     leaves = [t.requires_grad_() for t in (a, alpha, basis)]
@@ -99,10 +138,10 @@ def test_buckets_equal_searchsorted(which):
     a = inputs_for(s, g, torch.float64)
     rt = torch.tensor([0, 2, 1, 1, 0, 2])
     alpha = torch.randn(3, s.numel(), generator=g, dtype=torch.float64)
-    s_, _, _, A, S = _tal_kernel._sorted_tables(alpha, s.view(1, -1))
+    s_, _, _, A, S = _tal_kernel._tables(alpha, s.view(1, -1))
     from Layers import _tal_triton
-    out, k = _tal_triton.forward(*(t.to(DEVICE) for t in (a, rt, s_, A, S)), True)
-    ref_out, ref_k = _tal_kernel._torch_forward(a, rt, s_, A, S, True)
+    out, k = _tal_triton.forward(*(t.to(DEVICE) for t in (a, rt, s_, A, S)), 3, True)   # 3 tasks, 1 group
+    ref_out, ref_k = _tal_kernel._torch_forward(a, alpha, s.view(1, -1), rt, True)
     torch.testing.assert_close(out.cpu(), ref_out, rtol=1e-15, atol=0, equal_nan=True)
     if k.numel():
         assert torch.equal(k.cpu()[~a.isnan()], ref_k[~a.isnan()])
@@ -116,7 +155,7 @@ def test_layer_uses_the_kernel_and_matches_the_torch_path(monkeypatch):
     x = torch.randn(6, 3, 9, 7, device=DEVICE)
     ids = torch.tensor([4, 0, 2, 2, 1, 3], device=DEVICE)
     out = layer(x, ids, per_row=True)
-    monkeypatch.setenv("TAAN_TAL_BACKEND", "torch")
+    monkeypatch.setattr(_tal_kernel, "_backend", "torch")
     assert torch.allclose(out, layer(x, ids, per_row=True), atol=1e-6, rtol=0)
 
 
