@@ -139,6 +139,21 @@ def LossCosine(alpha, basis, c0=C0_ORIGINAL, original=False):
     return -C.mean(), C
 
 
+def tal_regularizer(name, alpha, basis, c0=C0_ORIGINAL):
+    """The value of the regulariser `name` (see the module docstring; None: 0.) for alpha
+    [T, M] and basis [1, M]: what a TAL layer's regularization(1) returns."""
+    name = _regularizer(name)
+    if name is None:
+        return 0.
+    if name == "tracenorm":
+        return LossNuclearNorm(alpha)
+    if name == "tracenorm_original":
+        return LossTraceNorm(alpha)
+    if name == "distance":
+        return LossDis(alpha, basis, c0)[0]
+    return LossCosine(alpha, basis, c0, original=name == "cosine_original")[0]
+
+
 def _regularizer(name):
     if name is None:
         return None
@@ -166,15 +181,7 @@ class _TAL:
         """c * L for the configured regulariser; the float 0. when there is none."""
         if self._reg is None:
             return 0.
-        if self._reg == "tracenorm":
-            loss = LossNuclearNorm(self.alpha)
-        elif self._reg == "tracenorm_original":
-            loss = LossTraceNorm(self.alpha)
-        elif self._reg == "distance":
-            loss = LossDis(self.alpha, self.basis, self.c0)[0]
-        else:
-            loss = LossCosine(self.alpha, self.basis, self.c0, original=self._reg == "cosine_original")[0]
-        return c * loss
+        return c * tal_regularizer(self._reg, self.alpha, self.basis, self.c0)
 
     def task_distance(self):
         """The [T, T] matrix E[(f_i(z) - f_j(z))^2] of this layer."""

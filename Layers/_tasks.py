@@ -141,29 +141,30 @@ def rows_by_task(ids):
 
 @torch.library.custom_op("taan::rows_linear", mutates_args=())
 def rows_linear(h: Tensor, ids: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """y[i] = h[i] @ weight[ids[i]] + bias[ids[i]] for h [B, r], ids [B], weight [T, r, out],
-    bias [T, out] or None: the rows of each task present lined up in a zero-padded
-    [k, rows, r] tensor and multiplied in one batched product."""
+    """Per-row task linear maps: y[i] = h[i] @ weight[ids[i]]^T + bias[ids[i]] for h [B, r],
+    ids [B], weight [T, out, r] (nn.Linear's layout per task), bias [T, out] or None. The rows
+    of each task present are lined up in a zero-padded [k, rows, r] tensor and multiplied in
+    one batched product; a registered operator, so torch.compile needs no sizes from the ids."""
     if not ids.numel():
-        return h.new_zeros(0, weight.shape[2])
+        return h.new_zeros(0, weight.shape[1])
     tasks, group, slot, size = rows_by_task(ids)
     H = h.new_zeros(len(tasks), size, h.shape[-1])
     H[group, slot] = h
-    M = weight[tasks]
+    M = weight[tasks].transpose(1, 2)
     Y = torch.bmm(H, M) if bias is None else torch.baddbmm(bias[tasks].unsqueeze(1), H, M)
     return Y[group, slot]
 
 
 @rows_linear.register_fake
 def _rows_linear_fake(h, ids, weight, bias):
-    return h.new_empty(h.shape[0], weight.shape[2])
+    return h.new_empty(h.shape[0], weight.shape[1])
 
 
 @torch.library.custom_op("taan::rows_linear_backward", mutates_args=())
 def _rows_linear_backward(grad: Tensor, h: Tensor, ids: Tensor, weight: Tensor,
                           with_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of h [B, r], weight [T, r, out] and bias [T, out] ([0] without a bias)."""
-    T, _, out = weight.shape
+    """Gradients of h [B, r], weight [T, out, r] and bias [T, out] ([0] without a bias)."""
+    T, out = weight.shape[:2]
     grad_h, grad_w = h.new_zeros(h.shape), weight.new_zeros(weight.shape)
     grad_b = weight.new_zeros((T, out) if with_bias else (0,))
     if ids.numel():
@@ -172,8 +173,8 @@ def _rows_linear_backward(grad: Tensor, h: Tensor, ids: Tensor, weight: Tensor,
         H[group, slot] = h
         G = grad.new_zeros(len(tasks), size, out)
         G[group, slot] = grad
-        grad_h = torch.bmm(G, weight[tasks].transpose(1, 2))[group, slot]
-        grad_w[tasks] = torch.bmm(H.transpose(1, 2), G)
+        grad_h = torch.bmm(G, weight[tasks])[group, slot]
+        grad_w[tasks] = torch.bmm(G.transpose(1, 2), H)
         if with_bias:
             grad_b[tasks] = G.sum(1)
     return grad_h, grad_w, grad_b
@@ -181,7 +182,7 @@ def _rows_linear_backward(grad: Tensor, h: Tensor, ids: Tensor, weight: Tensor,
 
 @_rows_linear_backward.register_fake
 def _rows_linear_backward_fake(grad, h, ids, weight, with_bias):
-    T, _, out = weight.shape
+    T, out = weight.shape[:2]
     return h.new_empty(h.shape), weight.new_empty(weight.shape), weight.new_empty((T, out) if with_bias else (0,))
 
 
@@ -290,7 +291,8 @@ def task_linear(h, spec, weights):
     or [B, k, r] (one input per task). Output: [B, out] for an int task or per-row tasks,
     [B, k, out] for k ids."""
     if spec.kind == 'rows':
-        return rows_linear(h, spec.ids, *weights(ALL_TASKS))
+        M, b = weights(ALL_TASKS)
+        return rows_linear(h, spec.ids, M.transpose(1, 2), b)
     M, b = weights(spec.ids)
     k, r, out = M.shape
     if spec.kind == 'single':

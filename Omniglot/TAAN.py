@@ -17,9 +17,12 @@ and differ only in what the tasks share:
 * `SingleTask`: every task has its own trunk (no sharing at all).
 
 All networks take every task's batch in one call: x [B, 1, 105, 105] and task_ids [B]
-(rows of any task order); `forward` returns a list of T logit tensors, entry t holding the
-rows of task t in their input order ([0, C_t] when the task has none). `forward_task(x, t)`
-runs one task alone, as the original code did (used to check the batched path).
+(rows of any task order); `forward` returns the logits [B, C_max] of each row's own task:
+row i holds its alphabet's C_t logits, then -inf (C_max = the most classes of any task), so
+a cross-entropy or an argmax over the row is that over the task's classes, and every shape
+is known before the data is (torch.compile traces the networks without graph breaks).
+`forward_task(x, t)` runs one task alone, as the original code did (used to check the
+batched path).
 
 Batch norm in training mode: the batched forward normalises with the statistics of the
 whole multi-task batch (all alphabets' images together) and updates the running
@@ -37,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from Layers import TAL_Conv2d, TAL_Linear
+from Layers import TAL_Conv2d, TAL_Linear, rows_linear
 from Layers.TAL_pytorch import C0_ORIGINAL
 from Layers._tasks import check_task_range
 from Omniglot.dataTools import IMAGE_SIZE
@@ -60,22 +63,21 @@ def check_task_ids(task_ids, num_tasks):
     check_task_range(task_ids, num_tasks, ValueError, owner="the network has")
 
 
-def split_by_task(values, task_ids, num_tasks):
-    """[values[task_ids == t] for t in range(num_tasks)], each in input row order."""
-    check_task_ids(task_ids, num_tasks)
-    counts = torch.bincount(task_ids, minlength=num_tasks)
-    order = torch.argsort(task_ids, stable=True)
-    return list(values[order].split(counts.tolist()))
-
-
-def multitask_loss(logits, labels):
+def multitask_loss(logits, labels, task_ids, num_tasks):
     """Mean over the tasks with rows of the per-task cross-entropy (mean over its rows).
 
-    logits, labels: lists of T tensors ([n_t, C_t] and [n_t]). Returns a scalar tensor."""
-    losses = [F.cross_entropy(z, y) for z, y in zip(logits, labels) if y.numel()]
-    if not losses:
+    logits [..., B, C] (each row's own task's logits, -inf past its classes), labels [..., B]
+    (or [B], shared), task_ids [B]. Returns [...] (a scalar for one network)."""
+    if not task_ids.numel():
         raise ValueError("multitask_loss: no task has any row")
-    return torch.stack(losses).mean()
+    lead = logits.shape[:-1]
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.expand(lead).reshape(-1),
+                         reduction="none").view(lead)
+    sums = ce.new_zeros(*lead[:-1], num_tasks).index_add_(-1, task_ids, ce)
+    counts = ce.new_zeros(num_tasks).index_add_(0, task_ids, ce.new_ones(task_ids.shape))
+    present = counts > 0
+    means = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return means.sum(-1) / present.sum().to(ce.dtype)
 
 
 def _check_input(x, task_ids, num_tasks):
@@ -94,7 +96,22 @@ def _check_task(t, num_tasks):
 
 
 class HeadsAtFactorLR:
-    """Adam over a network whose `heads` (a module) learn at 50x the rate of the rest."""
+    """Adam over a network whose `heads` (a module) learn at 50x the rate of the rest, and the
+    logits mask of its tasks' classes."""
+
+    def _init_classes(self, num_classes):
+        if not num_classes or min(num_classes) < 1:
+            raise ValueError(f"num_classes must list at least one class per task, got {num_classes}")
+        self.num_classes = [int(c) for c in num_classes]
+        self.num_tasks = len(self.num_classes)
+        classes = torch.tensor(self.num_classes)
+        # [T, C_max] bool: which logits are classes of each task (moves with .to(), not saved)
+        self.register_buffer("class_mask", torch.arange(max(self.num_classes))[None, :] < classes[:, None],
+                             persistent=False)
+
+    def mask_logits(self, logits, task_ids):
+        """-inf past each row's task's classes (logits [..., B, C_max], task_ids [B])."""
+        return logits.masked_fill(~self.class_mask[task_ids], float("-inf"))
 
     def param_groups(self, lr):
         """Adam groups: the trunk at lr, the heads at 50 lr (as the original)."""
@@ -118,17 +135,23 @@ class _OmniglotNet(HeadsAtFactorLR, nn.Module):
 
     def __init__(self, num_classes):
         super().__init__()
-        if not num_classes or min(num_classes) < 1:
-            raise ValueError(f"num_classes must list at least one class per task, got {num_classes}")
-        self.num_classes = [int(c) for c in num_classes]
-        self.num_tasks = len(self.num_classes)
+        self._init_classes(num_classes)
         self.heads = nn.ModuleList(nn.Linear(HIDDEN, c) for c in self.num_classes)
         for head in self.heads:
             nn.init.normal_(head.weight, 0.0, 0.01)
             nn.init.zeros_(head.bias)
+        # row c of task t's padded head is row min(c, C_t - 1) of its own (the padding is masked)
+        starts = torch.tensor([0] + self.num_classes[:-1]).cumsum(0)
+        last = torch.tensor(self.num_classes) - 1
+        self.register_buffer("head_rows", starts[:, None] + torch.minimum(torch.arange(max(self.num_classes)),
+                                                                          last[:, None]), persistent=False)
 
     def apply_heads(self, h, task_ids):
-        return [head(rows) for head, rows in zip(self.heads, split_by_task(h, task_ids, self.num_tasks))]
+        """Logits [B, C_max] of each row's own head (h [B, 512]), -inf past its classes: the
+        heads padded to [T, C_max, 512], the rows of each task in one batched product."""
+        weight = torch.cat([head.weight for head in self.heads])[self.head_rows]
+        bias = torch.cat([head.bias for head in self.heads])[self.head_rows]
+        return self.mask_logits(rows_linear(h, task_ids, weight, bias), task_ids)
 
     def regularization(self, c):
         """Sum of the layers' c * R(layer); the float 0. for networks without a regulariser."""
@@ -232,7 +255,9 @@ class SingleTask(_OmniglotNet):
 
     def forward(self, x, task_ids):
         _check_input(x, task_ids, self.num_tasks)
-        T = self.num_tasks
+        T, B = self.num_tasks, x.shape[0]
+        if torch.compiler.is_compiling():
+            return self.apply_heads(self._grouped_rows(x, task_ids), task_ids)
         counts = torch.bincount(task_ids, minlength=T).tolist()
         if self.training and len(set(counts)) != 1:
             raise ValueError("SingleTask in training mode needs the same number of images for every "
@@ -240,16 +265,30 @@ class SingleTask(_OmniglotNet):
         n = max(counts)
         grouped = torch.arange(T, device=x.device).repeat_interleave(n)
         if len(set(counts)) == 1 and torch.equal(task_ids, grouped):      # the sample_all layout
-            grid = x.view(T, n, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 1)
-        else:   # place row i of task t at (position of i within task t, t)
-            order = torch.argsort(task_ids, stable=True)
-            starts = torch.cumsum(torch.tensor([0] + counts[:-1], device=x.device), 0)
-            pos = torch.empty_like(task_ids)
-            pos[order] = torch.arange(task_ids.numel(), device=x.device) - starts[task_ids[order]]
-            grid = x.new_zeros(n, T, IMAGE_SIZE, IMAGE_SIZE)
-            grid[pos, task_ids] = x[:, 0]
-        h = self._trunk(grid.contiguous())
-        return [head(h[:c, t]) for t, (head, c) in enumerate(zip(self.heads, counts))]
+            return self.apply_heads(self._grouped_rows(x, task_ids), task_ids)
+        # place row i of task t at (position of i within task t, t)
+        order = torch.argsort(task_ids, stable=True)
+        starts = torch.cumsum(torch.tensor([0] + counts[:-1], device=x.device), 0)
+        pos = torch.empty_like(task_ids)
+        pos[order] = torch.arange(B, device=x.device) - starts[task_ids[order]]
+        grid = x.new_zeros(n, T, IMAGE_SIZE, IMAGE_SIZE)
+        grid[pos, task_ids] = x[:, 0]
+        return self.apply_heads(self._trunk(grid)[pos, task_ids], task_ids)
+
+    def _grouped_rows(self, x, task_ids):
+        """The trunk's output [B, 512] for the sample_all layout: B / T images of every task,
+        grouped by task. A compiled forward (whose shapes cannot depend on the ids) takes this
+        layout only, checked on the device."""
+        T, B = self.num_tasks, x.shape[0]
+        if B % T:
+            raise ValueError(f"a compiled SingleTask network takes the same number of images of every task, "
+                             f"grouped by task (as sample_all gives): {B} images for {T} tasks")
+        n = B // T
+        grouped = torch.arange(T, device=x.device).repeat_interleave(n)
+        torch._assert_async((task_ids == grouped).all(), "a compiled SingleTask network takes the same number "
+                            "of images of every task, grouped by task (as sample_all gives)")
+        h = self._trunk(x.view(T, n, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 1).contiguous())     # [n, T, 512]
+        return h.transpose(0, 1).reshape(B, HIDDEN)
 
     def forward_task(self, x, t):
         """Task t's network alone, from the slices of the grouped weights."""

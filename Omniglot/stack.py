@@ -16,7 +16,8 @@ and computes all runs in one pass:
                   R * C_out filters;
     batch norm:   per channel of the grouped tensor, so run r's statistics are those of its
                   own images only;
-    activation:   run r's alpha and basis on its own rows (see `stacked_tal`);
+    activation:   one call with grouped bases: run r's alpha and basis on its own rows
+                  (see `stacked_tal`);
     fc, heads:    batched matrix products over the runs (and the tasks, for the heads).
 
 A run differs from the others only in its parameters, its regulariser and its weight
@@ -31,30 +32,25 @@ files); `TAANStack.from_models(models, lams)` stacks given TAAN networks.
 `TAANList` has the same interface for R separate TAAN networks computed one after another,
 each exactly as train.py computes it alone (bit for bit; no batching). `build_runs` makes
 either, by STACKINGS: 'separate' (TAANList: the default on the CPU, where the grouped
-convolutions measured slower than the runs one by one), 'stacked' (TAANStack) or 'union'
-(TAANStack with all runs' activations in one kernel call: the default on CUDA, where 65 runs
-at once on an H200 took half the time of 'stacked', with 1.8x its memory).
+convolutions measured slower than the runs one by one) or 'stacked' (TAANStack: the default
+on CUDA). 'union' is the same as 'stacked' (it named a way of batching the activations that
+grouped bases replaced) and is accepted for the command lines that name it.
 """
-from types import SimpleNamespace
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import vmap
 
-from Layers._tal_kernel import tal_activation
-from Layers._tasks import rows_by_task
-from Layers.TAL_pytorch import TAL_Linear
-from Omniglot.TAAN import (CHANNELS, FLAT, HIDDEN, TAAN, HeadsAtFactorLR, check_task_ids, multitask_loss,
-                           split_by_task)
+from Layers import rows_linear, tal_activation
+from Layers.TAL_pytorch import tal_regularizer
+from Omniglot.TAAN import CHANNELS, FLAT, HIDDEN, TAAN, HeadsAtFactorLR, check_task_ids, multitask_loss
 
-BATCHINGS = ("loop", "union")
 STACKINGS = ("separate", "stacked", "union")
 
 
 def default_stacking(device):
-    """'union' on CUDA, 'separate' elsewhere (see the module docstring)."""
-    return "union" if torch.device(device).type == "cuda" else "separate"
+    """'stacked' on CUDA, 'separate' elsewhere (see the module docstring)."""
+    return "stacked" if torch.device(device).type == "cuda" else "separate"
 
 
 def build_runs(models, lams, stacking):
@@ -63,45 +59,20 @@ def build_runs(models, lams, stacking):
         return TAANList(models, lams)
     if stacking not in STACKINGS:
         raise ValueError(f"stacking must be one of {STACKINGS}, got {stacking!r}")
-    return TAANStack.from_models(models, lams, "union" if stacking == "union" else "loop")
+    return TAANStack.from_models(models, lams)
 
 
-def stacked_tal(a, alpha, basis, task_ids, runs_first, batching):
-    """The TAL activation of R runs at once.
+def stacked_tal(a, alpha, basis, task_ids, runs_first):
+    """The TAL activation of R runs in one call with grouped bases.
 
     a: [B, R, ...] (runs_first False: the grouped-convolution layout) or [R, B, ...]; row b
-    of run r uses task task_ids[b] of run r's alpha [R, T, M] and basis [R, 1, M].
-
-    'loop' (the default) calls the kernel once per run, with M basis points, which the fused
-    kernels (C++ on the CPU, Triton on CUDA) handle fastest. 'union' calls it once: the R
-    bases together are one basis of R * M points, and task t of run r is task r * T + t with
-    run r's alpha on its own points and 0 on the others' (alpha_u = block-diagonal
-    [R * T, R * M]). A point with alpha 0 adds exactly 0 to the activation and to the suffix
-    sums, so the forward pass is the same to the last bit, and the backward sums the same
-    terms in another order; but each element's work grows with R * M, and above 1023 points
-    the Triton kernel hands over to the PyTorch path. It saves kernel calls: what a basis
-    per task id ([T, M]) in the kernel would give without the cost. benchmarks/omniglot_sweep.py
-    measures both."""
+    of run r uses task task_ids[b] of run r's alpha [R, T, M] and basis [R, 1, M]: task
+    r * T + t of alpha [R * T, M] with the basis of group r of [R, M]."""
     R, T, M = alpha.shape
-    B = a.shape[1] if runs_first else a.shape[0]
-    if R == 1:
-        return tal_activation(a.reshape(B, -1), alpha[0], basis[0], task_ids).view_as(a)
-    if batching == "union":
-        offsets = torch.arange(R, device=a.device) * T
-        rows = offsets[:, None] + task_ids[None, :] if runs_first else task_ids[:, None] + offsets[None, :]
-        eye = torch.eye(R, dtype=alpha.dtype, device=alpha.device)
-        alpha_u = (alpha[:, :, None, :] * eye[:, None, :, None]).reshape(R * T, R * M)
-        out = tal_activation(a.reshape(R * B, -1), alpha_u, basis.reshape(1, R * M), rows.reshape(-1))
-        return out.view_as(a)
-    per_run = a.reshape(R, B, -1) if runs_first else a.reshape(B, R, -1)
-    outs = [tal_activation(per_run[r] if runs_first else per_run[:, r], alpha[r], basis[r], task_ids)
-            for r in range(R)]
-    return torch.stack(outs, 0 if runs_first else 1).view_as(a)
-
-
-def _regularizer_value(kind, alpha, basis, c0):
-    """The TAL layers' own regulariser formula (regularization(1)) on one alpha [T, M], basis [1, M]."""
-    return TAL_Linear.regularization(SimpleNamespace(_reg=kind, alpha=alpha, basis=basis, c0=c0), 1.0)
+    runs = torch.arange(R, device=a.device)[:, None] * T
+    rows = (runs + task_ids[None, :]) if runs_first else (task_ids[:, None] + runs.T)
+    out = tal_activation(a.reshape(rows.numel(), -1), alpha.reshape(R * T, M), basis.reshape(R, M), rows.reshape(-1))
+    return out.view_as(a)
 
 
 class _BatchNorm(nn.Module):
@@ -145,16 +116,14 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
     [R, B, C_max] of each row's own task, -inf past that task's C_t classes.
     """
 
-    def __init__(self, runs, num_classes, basis, lams, regularizers, c0, batching="loop"):
+    def __init__(self, runs, num_classes, basis, lams, regularizers, c0):
         super().__init__()
         if not len(lams) == len(regularizers) == runs >= 1:
             raise ValueError(f"need one lambda and one regulariser per run: {runs} runs, {len(lams)} lambdas, "
                              f"{len(regularizers)} regularisers")
-        if batching not in BATCHINGS:
-            raise ValueError(f"batching must be one of {BATCHINGS}, got {batching!r}")
-        self.num_classes = [int(c) for c in num_classes]
-        self.num_tasks = T = len(self.num_classes)
-        self.lams, self.regularizers, self.c0, self.batching = list(lams), list(regularizers), c0, batching
+        self._init_classes(num_classes)
+        T = self.num_tasks
+        self.lams, self.regularizers, self.c0 = list(lams), list(regularizers), c0
         self.convs = nn.ModuleList(_StackedTAL(runs, (cout, cin, 3, 3), T, basis, bn=True)
                                    for cin, cout in zip(CHANNELS[:-1], CHANNELS[1:]))
         self.fc = _StackedTAL(runs, (HIDDEN, FLAT), T, basis, bn=False)
@@ -163,14 +132,14 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
         self.heads.bias = nn.Parameter(torch.zeros(runs, T, max(self.num_classes)))
 
     @classmethod
-    def from_models(cls, models, lams, batching="loop"):
+    def from_models(cls, models, lams):
         """Stack TAAN networks (parameters and statistics copied); lams: each run's lambda."""
         first = models[0]
         if not all(isinstance(m, TAAN) and m.num_classes == first.num_classes for m in models):
             raise ValueError("all runs must be TAAN networks of the same alphabets")
         layer = first.convs[0]
         stack = cls(len(models), first.num_classes, layer.alpha.shape[1], lams,
-                    [m.convs[0].regularize for m in models], layer.c0, batching)
+                    [m.convs[0].regularize for m in models], layer.c0)
         stack.to(device=layer.weight.device, dtype=layer.weight.dtype)
         for r, model in enumerate(models):
             stack.load_run(r, model.state_dict())
@@ -183,7 +152,7 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
     # ------------------------------------------------------------------ one run as a TAAN
     def _run_tensors(self, r):
         """(TAAN state_dict key, the stack's view of run r's tensor) for every entry."""
-        for name, tensor in list(self.named_parameters()) + list(self.named_buffers()):
+        for name, tensor in list(self.named_parameters()) + self._run_buffers():
             if not name.startswith("heads."):
                 yield name, tensor[r]
         for t, c in enumerate(self.num_classes):
@@ -204,7 +173,7 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
     def keep(self, slots, optimizer=None):
         """Keep only the runs in `slots` (in that order), in place, with their Adam state."""
         index = torch.as_tensor(slots, dtype=torch.long, device=self.heads.weight.device)
-        for tensor in list(self.parameters()) + list(self.buffers()):
+        for tensor in list(self.parameters()) + [b for _, b in self._run_buffers()]:
             state = optimizer.state.get(tensor, {}) if optimizer is not None else {}
             for key, value in state.items():
                 if torch.is_tensor(value) and value.dim() and value.shape[0] == tensor.shape[0]:
@@ -231,39 +200,29 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
             a = F.conv2d(h, w.reshape(-1, *w.shape[2:]), layer.bias.reshape(-1), groups=1 if shared else R)
             shared = False
             a = layer.bn(a)
-            h = F.max_pool2d(stacked_tal(a, layer.alpha, layer.basis, task_ids, False, self.batching), 2)
+            h = F.max_pool2d(stacked_tal(a, layer.alpha, layer.basis, task_ids, False), 2)
         h = h.reshape(B, R, FLAT).transpose(0, 1)                              # [R, B, 1024]
         a = torch.baddbmm(self.fc.bias.unsqueeze(1), h, self.fc.weight.transpose(1, 2))
-        h = stacked_tal(a, self.fc.alpha, self.fc.basis, task_ids, True, self.batching)   # [R, B, 512]
+        h = stacked_tal(a, self.fc.alpha, self.fc.basis, task_ids, True)   # [R, B, 512]
         return self._heads(h, task_ids)
 
     def _heads(self, h, task_ids):
-        """Logits [R, B, C_max] of each row's task head, -inf past its classes."""
-        tasks, group, slot, size = rows_by_task(task_ids)
-        R, T = self.runs, self.num_tasks
-        grid = h.new_zeros(R, len(tasks), size, HIDDEN)
-        grid[:, group, slot] = h
-        weight, bias = self.heads.weight, self.heads.bias
-        if len(tasks) != T:
-            weight, bias = weight[:, tasks], bias[:, tasks]
-        logits = (torch.matmul(grid, weight.transpose(-1, -2)) + bias.unsqueeze(2))[:, group, slot]
-        return logits.masked_fill(~self.class_mask(h.device)[task_ids], float("-inf"))
+        """Logits [R, B, C_max] of each row's task head, -inf past its classes: head t of run r
+        is task r * T + t of one per-row linear map."""
+        R, B, T = h.shape[0], h.shape[1], self.num_tasks
+        rows = (torch.arange(R, device=h.device)[:, None] * T + task_ids[None, :]).reshape(-1)
+        logits = rows_linear(h.reshape(R * B, HIDDEN), rows, self.heads.weight.view(R * T, -1, HIDDEN),
+                             self.heads.bias.view(R * T, -1))
+        return self.mask_logits(logits.view(R, B, -1), task_ids)
 
-    def class_mask(self, device):
-        """[T, C_max] bool: which logits are classes of each task."""
-        classes = torch.tensor(self.num_classes, device=device)
-        return torch.arange(max(self.num_classes), device=device)[None, :] < classes[:, None]
+    def _run_buffers(self):
+        """(name, buffer) of the runs' own buffers (the class mask is the stack's)."""
+        return [(name, b) for name, b in self.named_buffers() if name != "class_mask"]
 
     # ------------------------------------------------------------------ loss
     def task_losses(self, logits, labels, task_ids):
-        """[R] losses: each run's mean over the tasks present of its mean cross-entropy
-        (`multitask_loss` of every run). labels [R, B] or [B]."""
-        R, B = logits.shape[:2]
-        ce = F.cross_entropy(logits.reshape(R * B, -1), labels.expand(R, B).reshape(-1), reduction="none")
-        counts = torch.bincount(task_ids, minlength=self.num_tasks)
-        sums = ce.new_zeros(R, self.num_tasks).index_add_(1, task_ids, ce.view(R, B))
-        present = counts > 0
-        return (sums[:, present] / counts[present].to(ce.dtype)).mean(1)
+        """[R] losses: each run's `multitask_loss`. labels [R, B] or [B]."""
+        return multitask_loss(logits, labels, task_ids, self.num_tasks)
 
     def run_losses(self, x, labels, task_ids):
         """[R]: each run's multitask loss on its own batch (x [R, B, 1, H, W], labels [R, B])."""
@@ -286,7 +245,7 @@ class TAANStack(HeadsAtFactorLR, nn.Module):
                 continue
             index = torch.tensor(slots, device=alphas.device)
             L = alphas.shape[1]
-            values = vmap(lambda a, b: _regularizer_value(kind, a, b, self.c0))(
+            values = vmap(lambda a, b: tal_regularizer(kind, a, b, self.c0))(
                 alphas[index].flatten(0, 1), bases[index].flatten(0, 1)).view(len(slots), L)
             lams = torch.tensor([self.lams[r] for r in slots], dtype=values.dtype, device=values.device)
             out = out.index_add(0, index, (lams[:, None] * values).sum(1))
@@ -336,14 +295,12 @@ class TAANList(nn.Module):
         return len(self.nets)
 
     def run_losses(self, x, labels, task_ids):
-        return torch.stack([multitask_loss(net(x[r], task_ids), split_by_task(labels[r], task_ids, net.num_tasks))
+        return torch.stack([multitask_loss(net(x[r], task_ids), labels[r], task_ids, net.num_tasks)
                             for r, net in enumerate(self.nets)])
 
     @torch.no_grad()
     def run_correct(self, x, labels, task_ids):
-        truth = torch.cat(split_by_task(labels, task_ids, self.nets[0].num_tasks))
-        return torch.stack([(torch.cat([z.argmax(-1) for z in net(x, task_ids)]) == truth).sum()
-                            for net in self.nets])
+        return torch.stack([(net(x, task_ids).argmax(-1) == labels).sum() for net in self.nets])
 
     def regularization(self, c=1.0):
         """c * sum_r lambda_r R_r (each run's TAAN.regularization(lambda_r))."""

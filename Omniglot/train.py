@@ -29,7 +29,7 @@ from ignite.metrics import Metric
 from Layers.TAL_pytorch import C0_ORIGINAL, layer_regularizer
 from Omniglot.dataTools import DEFAULT_DATA_ROOT, OmniglotData, prepare
 from Omniglot.results import REGULARIZERS
-from Omniglot.TAAN import MODELS, build_model, multitask_loss, split_by_task
+from Omniglot.TAAN import MODELS, build_model, multitask_loss
 from Training import (ArgumentParser, Dataflow, Experiment, add_run_arguments, atomic_write_json, count_parameters,
                       entry_point, run)
 
@@ -183,13 +183,11 @@ class Omniglot(Experiment):
 
     def loss(self, model, batch):
         x, y, ids = self.sampler()
-        return multitask_loss(model(x.to(DTYPES[self.args.dtype]), ids), split_by_task(y, ids, model.num_tasks))
+        return multitask_loss(model(x.to(DTYPES[self.args.dtype]), ids), y, ids, model.num_tasks)
 
     def eval_step(self, model, batch):
         x, y, ids = batch
-        pred = torch.cat([z.argmax(-1) for z in model(x.to(DTYPES[self.args.dtype]), ids)])
-        truth = torch.cat(split_by_task(y, ids, model.num_tasks))
-        return int((pred == truth).sum()), truth.numel()
+        return int((model(x.to(DTYPES[self.args.dtype]), ids).argmax(-1) == y).sum()), y.numel()
 
     def metrics(self, device):
         return {self.score: PooledAccuracy()}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from _timing import timed  # benchmarks/_timing.py
 
 from Layers._tal_kernel import backend_for
-from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
+from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss
 
 # (label, model name, build kwargs, lambda, target time ratio to hard sharing)
 VARIANTS = [("hard", "hard", {}, 0.0, None),
@@ -35,7 +35,7 @@ TRUNK_TARGET = 1.1     # TAL trunk / ReLU trunk, forward + backward
 
 def train_step(model, opt, x, y, ids, lam):
     model.train()
-    loss = multitask_loss(model(x, ids), split_by_task(y, ids, model.num_tasks))
+    loss = multitask_loss(model(x, ids), y, ids, model.num_tasks)
     if lam:
         loss = loss + model.regularization(lam)
     opt.zero_grad(set_to_none=True)

@@ -5,8 +5,8 @@ images of 105 x 105 through the conv TAAN (basis 32), the loss, the run's regula
 and an Adam step. "One at a time" is the TAAN network of Omniglot/TAAN.py stepped alone (what
 train.py does); "R at once" is one iteration of R runs as Omniglot.sweep makes it (the runs
 cycle through the figure's regularisers distance / none / tracenorm / cosine), for each
---stacking: stacked (one batched TAANStack), union (the same, all activations in one kernel
-call) or separate (the runs' own networks one after another). On every device the
+--stacking: stacked (one batched TAANStack, every layer's activation one call with grouped
+bases; union is the same) or separate (the runs' own networks one after another). On every device the
 configurations are stepped in interleaved rounds after warm-up steps, and each keeps its
 fastest step (the one least disturbed by other load). A configuration that would not fit in
 memory (Omniglot.sweep.BYTES_PER_IMAGE_RUN per image per run, measured; R runs at once hold
@@ -18,7 +18,7 @@ on 3,200 test images, about the real test split), with the test time measured to
 upper bound: runs that stop early leave their group.
 
     python benchmarks/omniglot_sweep.py                       # the CPU, and CUDA when there is one
-    python benchmarks/omniglot_sweep.py --devices cuda --runs 1 5 13 65 --stacking stacked union
+    python benchmarks/omniglot_sweep.py --devices cuda --runs 1 5 13 65 --stacking stacked separate
 """
 import argparse
 import math
@@ -31,7 +31,7 @@ from _timing import timed  # benchmarks/_timing.py
 from Layers._tal_kernel import backend_for
 from Omniglot.stack import STACKINGS, build_runs
 from Omniglot.sweep import BYTES_PER_IMAGE_RUN
-from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss, split_by_task
+from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss
 
 FIGURE_RUNS, FIGURE_ITERATIONS, TEST_EVERY, TEST_IMAGES = 65, 15000, 100, 3200
 # run r's regulariser and lambda; run 0 is the one-at-a-time network's (distance, 0.2)
@@ -73,7 +73,7 @@ class OneAtATime(Configuration):
         self.x, self.y, self.ids, self.runs = x[0], y[0], ids, 1
 
     def loss(self):
-        loss = multitask_loss(self.net(self.x, self.ids), split_by_task(self.y, self.ids, self.net.num_tasks))
+        loss = multitask_loss(self.net(self.x, self.ids), self.y, self.ids, self.net.num_tasks)
         return loss + self.net.regularization(RUN_KINDS[0][1])
 
     def predict(self, x, y, ids):
@@ -119,7 +119,7 @@ def measure(device, args):
     x = (torch.rand(largest, images, 1, IMAGE_SIZE, IMAGE_SIZE, device=device) > 0.2).float()
     y = torch.stack([torch.cat([torch.randint(0, c, (batch,)) for c in classes]) for _ in range(largest)]).to(device)
     ids = torch.arange(tasks, device=device).repeat_interleave(batch)
-    stackings = args.stacking or (["stacked", "union", "separate"] if device.type == "cuda" else ["separate", "stacked"])
+    stackings = args.stacking or (["stacked", "separate"] if device.type == "cuda" else ["separate", "stacked"])
     configs, skipped = [OneAtATime(classes, device, x, y, ids)], []
     for runs in args.runs:
         for stacking in stackings:          # every way keeps all R runs' activations until the backward

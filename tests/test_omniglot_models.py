@@ -14,8 +14,7 @@ from ignite.engine import Events
 
 from Omniglot import run_builtin, synthetic, train as trainer, visualization_full
 from Omniglot.dataTools import read_split_lists
-from Omniglot.TAAN import (HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN, build_model, multitask_loss,
-                           split_by_task)
+from Omniglot.TAAN import HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN, build_model, multitask_loss
 from Training import load_checkpoint
 from conftest import Killed, kill_at
 from Training import UserError
@@ -87,16 +86,25 @@ def test_every_model_is_built():
     assert [type(build_model(n, CLASSES)) for n in ("TAAN", "Hard", "stl")] == [TAAN, HardSharing, SingleTask]
 
 
+def own_logits(out, ids, t):
+    """The rows of task t of per-row logits [B, C_max], cut to task t's classes."""
+    return out[ids == t][:, :CLASSES[t]]
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_shapes(name):
+    """Logits [B, C_max]: each row its own task's C_t classes, then -inf."""
     model = make(name, torch.float32).eval()
     ids = torch.tensor([2, 0, 2, 2, 0])                  # task 1 has no image
     out = model(images(5).float(), ids)
-    assert [tuple(z.shape) for z in out] == [(2, 3), (0, 4), (3, 5)]
+    assert out.shape == (5, max(CLASSES))
+    classes = torch.tensor(CLASSES)[ids]
+    finite = torch.isfinite(out)
+    assert torch.equal(finite, torch.arange(max(CLASSES))[None, :] < classes[:, None])
+    assert torch.all(out[~finite] == float("-inf"))
     model.train()                                        # training batches: equal counts per task
     out = model(images(6).float(), torch.tensor([0, 0, 1, 1, 2, 2]))
-    assert [tuple(z.shape) for z in out] == [(2, 3), (2, 4), (2, 5)]
-    assert all(torch.isfinite(z).all() for z in out)
+    assert out.shape == (6, 5) and torch.isfinite(out[:, :3]).all()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -108,8 +116,7 @@ def test_batched_forward_equals_per_task_forward(name):
         out = model(x, ids)
         for t in range(3):
             expected = model.forward_task(x[ids == t], t)
-            assert out[t].shape == expected.shape
-            torch.testing.assert_close(out[t], expected, rtol=0, atol=1e-12)
+            torch.testing.assert_close(own_logits(out, ids, t), expected, rtol=0, atol=1e-12)
         if name == "taan":      # the tasks' activations differ, so a task mix-up would show
             assert (model.convs[0](x, 0) - model.convs[0](x, 1)).abs().max() > 1e-3
 
@@ -178,12 +185,12 @@ def test_single_task_is_independent_networks():
         model.train(mode)
         for m in convs + bns:
             m.train(mode)
-        torch.testing.assert_close(model(x, ids)[t], plain(x[ids == t]), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(own_logits(model(x, ids), ids, t), plain(x[ids == t]), rtol=1e-10, atol=1e-10)
     # (2) task t's loss has a gradient only in group t's weights and head t
     model.train()
     model.zero_grad()
     out = model(x, ids)
-    F.cross_entropy(out[t], torch.tensor([0, 1, 2])).backward()
+    F.cross_entropy(own_logits(out, ids, t), torch.tensor([0, 1, 2])).backward()
     for layer in list(model.convs) + list(model.bns) + [model.fc]:
         g = layer.weight.grad
         co = g.shape[0] // T
@@ -212,14 +219,19 @@ def test_batch_norm_uses_the_statistics_of_all_tasks_at_once(name):
     assert int(bn.num_batches_tracked) == 1
 
 
-def test_multitask_loss_and_split_by_hand():
-    logits = [torch.tensor([[0.0, math.log(3.0)]]), torch.zeros(0, 3), torch.tensor([[1.0, 1.0, 1.0]] * 2)]
-    labels = [torch.tensor([1]), torch.zeros(0, dtype=torch.long), torch.tensor([0, 2])]
-    # task 0: -log(3/4); task 2: -log(1/3); task 1 has no row and does not count
+def test_multitask_loss_by_hand():
+    inf = float("inf")
+    # rows: task 2, task 0, task 2 (task 0 has 2 classes, task 2 three; task 1 has no row)
+    logits = torch.tensor([[1.0, 1.0, 1.0], [0.0, math.log(3.0), -inf], [1.0, 1.0, 1.0]])
+    labels, ids = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 2])
+    # task 0: -log(3/4); task 2: -log(1/3) for both rows; task 1 does not count
     expected = (-math.log(0.75) + math.log(3.0)) / 2
-    assert multitask_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    parts = split_by_task(torch.tensor([10, 11, 12, 13, 14]), torch.tensor([2, 0, 2, 0, 2]), 4)
-    assert [p.tolist() for p in parts] == [[11, 13], [], [10, 12, 14], []]
+    assert multitask_loss(logits, labels, ids, 3).item() == pytest.approx(expected, rel=1e-6)
+    # a leading dimension (runs) gives one loss per run; labels may be shared
+    two = multitask_loss(torch.stack([logits, logits.flip(0)]), labels, ids, 3)
+    assert two.shape == (2,) and two[0].item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="no task has any row"):
+        multitask_loss(logits[:0], labels[:0], ids[:0], 3)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -231,7 +243,7 @@ def test_one_training_step_lowers_the_loss(name):
     y = torch.cat([torch.randint(0, c, (4,), generator=torch.Generator().manual_seed(c)) for c in CLASSES])
 
     def loss():
-        return multitask_loss(model(x, ids), split_by_task(y, ids, 3)) + model.regularization(0.3)
+        return multitask_loss(model(x, ids), y, ids, 3) + model.regularization(0.3)
 
     before = loss()
     optimizer.zero_grad()
@@ -254,7 +266,7 @@ def test_heads_get_50x_learning_rate(name):
     assert trunk["weight_decay"] == heads["weight_decay"] == 0.005
     # Adam's first step moves every entry by about lr: 50x more in the heads
     before = [p.detach().clone() for p in (model.fc.weight, model.heads[0].weight)]
-    loss = multitask_loss(model(images(3).float(), torch.arange(3)), [torch.tensor([0])] * 3)
+    loss = multitask_loss(model(images(3).float(), torch.arange(3)), torch.zeros(3, dtype=torch.long), torch.arange(3), 3)
     loss.backward()
     optimizer.step()
     moved = [(p.detach() - b).abs().max().item() for p, b in zip((model.fc.weight, model.heads[0].weight), before)]
