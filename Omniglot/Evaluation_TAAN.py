@@ -52,9 +52,9 @@ def add_sweep_arguments(p):
     p.add_argument("--runs_at_once", type=int, default=None,
                    help="runs trained at once (default: all on CUDA, as many as fit; 1 on the CPU)")
     p.add_argument("--stacking", choices=STACKINGS, default=None,
-                   help="how the runs at once are computed: stacked (one batched network), separate (their own "
-                        "networks one after another, each bit for bit as train.py; the CPU default) or union "
-                        "(stacked, all activations in one kernel call; the CUDA default)")
+                   help="how the runs at once are computed: stacked (one batched network; the CUDA default), "
+                        "separate (their own networks one after another, each bit for bit as train.py; the CPU "
+                        "default); union is stacked")
     p.add_argument("--save_every", type=float, default=300.0,
                    help="seconds between saves of the training state, for resuming (default 300; "
                         "0: after every evaluation)")

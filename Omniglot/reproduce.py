@@ -52,8 +52,8 @@ from Omniglot.stack import default_stacking
 from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, format_duration, load_saved_sweep,
                             train_runs)
 from Omniglot.train import DTYPES, STATE_NAME, load_data
-from Training import (ArgumentParser, atomic_write_json, atomic_write_text, default_path, entry_point,
-                      resolve_device)
+from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, default_path,
+                      entry_point, resolve_device)
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME = "records.json", "table", "lambda"
 PAPER_ALPHABETS = 50
@@ -103,6 +103,8 @@ def build_parser():
                    help="test images per alphabet in one evaluation step (memory only; default 10)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default float32")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    add_bool_argument(p, "--compile", help="compile the training step of the runs (torch.compile; on CUDA with CUDA "
+                      "graphs): results equal to float rounding, so recorded runs are kept either way")
     add_sweep_arguments(p)
     return p
 

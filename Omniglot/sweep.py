@@ -168,10 +168,15 @@ class RunGroup(Experiment):
         self.task_ids = self.train_data.all_task_ids(args.batch)
         self.keys = [spec.key for spec in specs]
 
-    def loss(self, net, batch):
-        """Sum over the runs of each run's multitask loss, every run on its own batch."""
+    def prepare(self, batch):
+        """This step's batches: every run's own draw, gathered at once ([R, B, ...])."""
         x, y = self.train_data.gather(torch.stack([run.sampler.indices() for run in self.runs]))
-        return net.run_losses(x.to(self.dtype), y, self.task_ids).sum()
+        return x.to(self.dtype), y
+
+    def loss(self, net, inputs):
+        """Sum over the runs of each run's multitask loss, every run on its own batch."""
+        x, y = inputs
+        return net.run_losses(x, y, self.task_ids).sum()
 
     def eval_step(self, net, batch):
         x, y, ids = batch
@@ -209,7 +214,8 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
     `Omniglot.stack`; None: the device's default). `setup_hook(trainer)` may add handlers (tests)."""
     group = RunGroup(specs, args, data, device, stacking or default_stacking(device))
     net = group.net
-    trainer = create_trainer(net, group.optimizer, group.loss, regularization=net.regularization)
+    trainer = create_trainer(net, group.optimizer, group.loss, regularization=net.regularization,
+                             prepare=group.prepare, compile_on=device if getattr(args, "compile", False) else None)
     evaluator = create_evaluator(net, group, torch.device("cpu"))
     eval_batches = EvalBatches(group.test_data, args.eval_batch)
     objects = {"net": net, "optimizer": group.optimizer, "trainer": trainer, "group": group,

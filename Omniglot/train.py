@@ -181,9 +181,14 @@ class Omniglot(Experiment):
                             c0=args.c0).to(device=device, dtype=DTYPES[args.dtype])
         return model, model.make_optimizer(args.lr)
 
-    def loss(self, model, batch):
+    def prepare(self, batch):
+        """This step's batch: one sample_all draw of the run's own sampler."""
         x, y, ids = self.sampler()
-        return multitask_loss(model(x.to(DTYPES[self.args.dtype]), ids), y, ids, model.num_tasks)
+        return x.to(DTYPES[self.args.dtype]), y, ids
+
+    def loss(self, model, inputs):
+        x, y, ids = inputs
+        return multitask_loss(model(x, ids), y, ids, model.num_tasks)
 
     def eval_step(self, model, batch):
         x, y, ids = batch

@@ -18,10 +18,13 @@ the shape of Ignite's cifar10 example:
 
 One training step minimises
 
-    loss = experiment.loss(model, batch) + model.regularization(c)     (c = experiment.regularization_constant)
+    inputs = experiment.prepare(batch)                                 (data: batch draw, device copies)
+    loss = experiment.loss(model, inputs) + model.regularization(c)     (c = experiment.regularization_constant)
 
 with the experiment's optimizer, then calls `model.after_step(iteration)` when the model
-has one (MRN re-estimates its covariances there). The trainer never asks which model it
+has one (MRN re-estimates its covariances there). With `--compile` the loss and its
+backward pass are compiled whole (`torch.compile(fullgraph=True)`; on CUDA with CUDA graphs,
+mode 'reduce-overhead'); data preparation, the optimizer step and `after_step` stay eager. The trainer never asks which model it
 trains. The evaluator runs after every epoch (or every `eval_interval` iterations, and
 before the first step with `eval_first`); early stopping and the best model follow the
 experiment's `score` metric (higher is better); the training state is saved right after
@@ -77,14 +80,15 @@ class Experiment:
       regularization_constant  c in model.regularization(c) (0: none)
       resume_may_change        settings a resumed run may change (all others must match)
       distributed              whether it may run as one process of torchrun
-    and define get_dataflow, initialize, loss, eval_step, metrics, config and finish.
+    and define get_dataflow, initialize, loss, eval_step, metrics, config and finish (and
+    prepare, when a step's data needs work that is not the model's: it is never compiled).
     `self.log(message)` prints a line (on the main process of a distributed run).
     """
     score = 'score'
     eval_split = 'valid'
     files = {'best': 'model.pt', 'state': 'training_state.pt', 'config': 'config.json'}
     regularization_constant = 0.0
-    resume_may_change = ('resume', 'progress', 'debug', 'device', 'gpu', 'saveto')
+    resume_may_change = ('resume', 'progress', 'debug', 'device', 'gpu', 'saveto', 'compile')
     distributed = False
     log = staticmethod(print)
 
@@ -98,7 +102,11 @@ class Experiment:
         """(model, optimizer) on `device`."""
         raise NotImplementedError
 
-    def loss(self, model, batch):
+    def prepare(self, batch):
+        """What `loss` takes, from the trainer's batch (eager, outside a compiled step)."""
+        return batch
+
+    def loss(self, model, inputs):
         """The task loss of one step (a scalar tensor), without the regulariser."""
         raise NotImplementedError
 
@@ -203,6 +211,8 @@ def add_run_arguments(parser, early_stop, early_stop_help, outputs=True):
     parser.add_argument('--seed', default=0, type=int, help='seed of the initialisation and the batches (default 0)')
     parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
     add_bool_argument(parser, '--progress', default=None, help='show progress bars (auto: only on a terminal)')
+    add_bool_argument(parser, '--compile', help='compile the training step with torch.compile (on CUDA with CUDA '
+                      'graphs); the first steps take longer while it compiles')
 
 
 def show_progress(flag):
@@ -214,13 +224,28 @@ def metric_device(device):
     return device if idist.get_world_size() > 1 else torch.device('cpu')
 
 
-def create_trainer(model, optimizer, loss_fn, regularization=None, after_step=None):
-    """Engine whose step minimises loss_fn(model, batch) + regularization() and returns the
-    task loss as a float; after_step(iteration) runs after every optimizer step."""
+def compile_step(fn, device):
+    """fn compiled whole (fullgraph: a graph break is an error, not a slow step); on CUDA with
+    CUDA graphs (mode 'reduce-overhead': a step's kernels replayed without the host issuing
+    them one by one)."""
+    return torch.compile(fn, fullgraph=True, mode='reduce-overhead' if torch.device(device).type == 'cuda' else None)
+
+
+def create_trainer(model, optimizer, loss_fn, regularization=None, after_step=None, prepare=None,
+                   compile_on=None):
+    """Engine whose step minimises loss_fn(model, prepare(batch)) + regularization() and
+    returns the task loss as a float; after_step(iteration) runs after every optimizer step.
+    compile_on: a device to compile the loss and its backward pass for (None: eager)."""
+    def objective(model, inputs):
+        loss = loss_fn(model, inputs)
+        return loss, (loss + regularization() if regularization is not None else loss)
+
+    if compile_on is not None:
+        objective = compile_step(objective, compile_on)
+
     def step(engine, batch):
         model.train()
-        loss = loss_fn(model, batch)
-        total = loss + regularization() if regularization is not None else loss
+        loss, total = objective(model, prepare(batch) if prepare is not None else batch)
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -296,7 +321,8 @@ def training(local_rank, experiment, args, device, result, setup_hook=None, log=
     c = experiment.regularization_constant
     trainer = create_trainer(model, optimizer, experiment.loss,
                              regularization=(lambda: core.regularization(c)) if c else None,
-                             after_step=getattr(core, 'after_step', None))
+                             after_step=getattr(core, 'after_step', None), prepare=experiment.prepare,
+                             compile_on=device if getattr(args, 'compile', False) else None)
     evaluator = create_evaluator(core, experiment, metric_device(device), progress,
                                  desc=experiment.eval_split.capitalize())
     step_timer = Timer(average=True)

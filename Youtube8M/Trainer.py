@@ -159,8 +159,11 @@ class Youtube8M(Experiment):
             load_checkpoint(os.path.join(args.checkname, f'{args.model}.pth'), {'model': model})
         return model, torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
 
-    def loss(self, model, batch):
-        return multitask_loss(model(to_device(batch[0], self.device)), to_device(batch[1], self.device))[0]
+    def prepare(self, batch):
+        return to_device(batch[0], self.device), to_device(batch[1], self.device)
+
+    def loss(self, model, inputs):
+        return multitask_loss(model(inputs[0]), inputs[1])[0]
 
     def eval_step(self, model, batch):
         return model(to_device(batch[0], self.device)), batch[1]

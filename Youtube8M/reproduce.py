@@ -35,7 +35,8 @@ import time
 
 import numpy as np
 
-from Training import ArgumentParser, UserError, atomic_write_json, atomic_write_text, default_path, entry_point
+from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, default_path,
+                      entry_point)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 
@@ -78,15 +79,16 @@ def run_argv(args, label, flags, seed, folder):
     return argv
 
 
-def _train_in_child(argv, record_path):
-    """Child process: train one row, then record its result and its peak memory."""
+def _train_in_child(argv, record_path, extra):
+    """Child process: train one row (with the flags `extra`, which do not change its result and
+    are not recorded), then record its result and its peak memory."""
     import resource
 
     import torch
 
     from Youtube8M import Trainer
     result = {}
-    entry_point(lambda: result.update(Trainer.main(argv + ['--resume', 'auto', '--progress', 'false'])))()
+    entry_point(lambda: result.update(Trainer.main(argv + ['--resume', 'auto', '--progress', 'false'] + extra)))()
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         peak = torch.cuda.max_memory_allocated()
         memory = 'CUDA max_memory_allocated'
@@ -99,9 +101,9 @@ def _train_in_child(argv, record_path):
                                     'memory': memory, 'epochs': result['epochs']})
 
 
-def train_row(argv, record_path):
+def train_row(argv, record_path, extra=()):
     """Train in a child process (its own peak memory); UserError if it fails."""
-    child = multiprocessing.get_context('spawn').Process(target=_train_in_child, args=(argv, record_path))
+    child = multiprocessing.get_context('spawn').Process(target=_train_in_child, args=(argv, record_path, list(extra)))
     child.start()
     child.join()
     if child.exitcode != 0 or not os.path.isfile(record_path):
@@ -170,6 +172,8 @@ def build_parser():
                    help="TAAN rows: the original code's tracenorm / cosine formulas")
     p.add_argument('--out', default=OUT, help='output folder (default %(default)s)')
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
+    add_bool_argument(p, '--compile', help="compile every row's training step (Trainer.py --compile); the "
+                      'results agree with an eager run to float rounding, so finished rows are kept either way')
     return p
 
 
@@ -199,7 +203,7 @@ def main(argv=None):
             record = read_record(record_path, argv_)
             if record is None:
                 print(f'\n=== {label}, seed {seed} ===', flush=True)
-                train_row(argv_, record_path)
+                train_row(argv_, record_path, ['--compile', 'true'] if args.compile else [])
                 record = read_record(record_path, argv_)
             else:
                 print(f'{label}, seed {seed}: done before (mAP@10 {record["mAP"]:.4f})')

@@ -188,3 +188,45 @@ def test_compiled_single_task_network_refuses_another_layout():
     compiled(x, torch.arange(3).repeat_interleave(2))
     with pytest.raises(RuntimeError, match="grouped by task"):
         compiled(x, torch.tensor([1, 0, 0, 1, 2, 2]))
+
+
+# ------------------------------------------------------------------------------- --compile in the trainers
+
+def test_youtube8m_trainer_compile_equals_eager_and_resumes(youtube8m_data, tmp_path):
+    """--compile gives the eager run's weights and mAP to float rounding; a compiled run is
+    resumed by an eager one (and the other way round) from the same files."""
+    from Youtube8M import Trainer
+    tiny = ['--model', 'TAAN', '--regularize', 'distance', '--hidden_feature', '8', '--batch_size', '16', '--basis',
+            '4', '--device', 'cpu', '--lr', '0.01', '--data_path', youtube8m_data, '--progress', 'false']
+    eager = Trainer.main(tiny + ['--max_epoch', '2', '--saveto', str(tmp_path / 'eager')])
+    half = Trainer.main(tiny + ['--max_epoch', '1', '--saveto', str(tmp_path / 'compiled'), '--compile'])
+    assert half['epochs'] == 1
+    resumed = Trainer.main(tiny + ['--max_epoch', '2', '--saveto', str(tmp_path / 'compiled'), '--resume', 'auto'])
+    assert resumed['epochs'] == 2
+    assert resumed['mAP'] == pytest.approx(eager['mAP'], abs=1e-4)
+    want = torch.load(str(tmp_path / 'eager' / 'TAAN.pth'))
+    got = torch.load(str(tmp_path / 'compiled' / 'TAAN.pth'))
+    assert want.keys() == got.keys()           # the module's own names: nothing compiled is saved
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_omniglot_train_compile_equals_eager(tmp_path):
+    from Omniglot import synthetic, train
+    root = str(tmp_path / "data")
+    synthetic.generate(root, alphabets=3, drawers=4, min_chars=2, max_chars=3)
+    data = train.load_data(root, torch.device("cpu"))
+    argv = ["--data_root", root, "--regularize", "distance", "--lam", "0.3", "--basis", "4", "--lr", "1e-3",
+            "--batch", "2", "--num_iter", "6", "--test_interval", "3", "--dtype", "float64", "--device", "cpu",
+            "--progress", "false"]
+    quiet = dict(log=lambda *a, **k: None)
+    eager = train.train(train.build_parser().parse_args(argv + ["--saveto", str(tmp_path / "eager")]), data=data,
+                        **quiet)
+    compiled = train.train(train.build_parser().parse_args(argv + ["--saveto", str(tmp_path / "compiled"),
+                                                                   "--compile"]), data=data, **quiet)
+    assert [i for i, _ in compiled["history"]] == [i for i, _ in eager["history"]] == [0, 3, 6]
+    assert [a for _, a in compiled["history"]] == pytest.approx([a for _, a in eager["history"]], abs=1e-12)
+    want = torch.load(str(tmp_path / "eager" / train.STATE_NAME))["model"]
+    got = torch.load(str(tmp_path / "compiled" / train.STATE_NAME))["model"]
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-9, atol=1e-10)
