@@ -15,6 +15,7 @@ A multi-task layer is called as ``layer(x, task)`` or ``layer(x, task, per_row=T
 fail silently on a bad id or shape.
 """
 from dataclasses import dataclass
+import functools
 import operator
 from typing import Optional
 
@@ -98,7 +99,15 @@ def parse_task(task, num_tasks, x, feature_dims, per_row=False, name="layer"):
     if not 0 <= t < num_tasks:
         raise IndexError(f"{name}: task id {t} out of range; this layer was built for {num_tasks} tasks "
                          f"(valid ids 0..{num_tasks - 1})")
-    return _single(torch.tensor([t], device=x.device), None, x, feature_dims, name)
+    ids = torch.tensor([t], device=x.device) if torch.compiler.is_compiling() else _id_tensor(t, x.device)
+    return _single(ids, None, x, feature_dims, name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _id_tensor(t, device):
+    """The LongTensor [t] on `device`, made once (an int task needs it at every call; the
+    layers never write into it)."""
+    return torch.tensor([t], device=device)
 
 
 def _single(ids, num_tasks, x, feature_dims, name):

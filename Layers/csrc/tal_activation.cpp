@@ -346,7 +346,8 @@ std::vector<torch::Tensor> tal_backward(torch::Tensor g, torch::Tensor z, torch:
   const int64_t P = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total / 65536));
   const int64_t table = T * K * 2;   // one copy of the (sum g, sum g * a) pairs
   const int64_t C = channels ? scale.numel() : 0;
-  auto partial = torch::zeros({P, kCopies, T, K, 2}, z.options().dtype(torch::kFloat64));
+  auto partial = torch::empty({P, kCopies, T, K, 2}, z.options().dtype(torch::kFloat64));
+  std::fill_n(partial.data_ptr<double>(), partial.numel(), 0.0);
   auto per_channel = channels ? torch::zeros({P, 2, C}, z.options().dtype(torch::kFloat64)) : torch::Tensor();
   auto grad_a = need_grad_a ? torch::empty_like(z) : torch::empty({0}, z.options());
   auto grad_alpha = torch::empty_like(alpha);
@@ -437,11 +438,12 @@ class TALActivation : public torch::autograd::Function<TALActivation> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& a,
                                const torch::Tensor& alpha, const torch::Tensor& basis,
                                const torch::Tensor& row_task, bool keep_buckets) {
-    const auto rows = a.contiguous().view({a.size(0), c10::multiply_integers(a.sizes().slice(1))});
+    const bool flat = a.dim() == 2 && a.is_contiguous();
+    const auto rows = flat ? a : a.contiguous().view({a.size(0), c10::multiply_integers(a.sizes().slice(1))});
     auto result = tal_forward(rows, row_task.contiguous(), alpha.contiguous(), basis.contiguous(), keep_buckets,
                               torch::Tensor(), torch::Tensor());
     ctx->save_for_backward({rows, result[1], alpha, basis, row_task});
-    return result[0].view(a.sizes());
+    return flat ? result[0] : result[0].view(a.sizes());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -451,9 +453,12 @@ class TALActivation : public torch::autograd::Function<TALActivation> {
     const auto saved = ctx->get_saved_variables();
     const auto& rows = saved[0];
     const bool need_a = ctx->needs_input_grad(0);
-    auto result = tal_backward(grads[0].contiguous().view(rows.sizes()), rows, saved[1], saved[4].contiguous(),
-                               saved[2].contiguous(), saved[3].contiguous(), need_a, torch::Tensor(), torch::Tensor());
-    return {need_a ? result[0].view(grads[0].sizes()) : torch::Tensor(),
+    const auto& grad = grads[0];
+    const bool flat = grad.dim() == 2 && grad.is_contiguous();
+    auto result = tal_backward(flat ? grad : grad.contiguous().view(rows.sizes()), rows, saved[1],
+                               saved[4].contiguous(), saved[2].contiguous(), saved[3].contiguous(), need_a,
+                               torch::Tensor(), torch::Tensor());
+    return {need_a ? (flat ? result[0] : result[0].view(grad.sizes())) : torch::Tensor(),
             ctx->needs_input_grad(1) ? result[1] : torch::Tensor(),
             ctx->needs_input_grad(2) ? result[2] : torch::Tensor(), torch::Tensor(), torch::Tensor()};
   }
