@@ -8,18 +8,28 @@
 # (default: the first of gpu/wheels, .whl, shared/device/wheels that exists; a folder of the
 # checkout that .git/info/exclude ignores). Everything printed also goes to $OUT/cuda_check.log
 # ($OUT defaults to /tmp/cuda_check):
-#   1. benchmarks/layers.py, youtube8m_step.py (without DMTRL Tucker and TT, whose factors take
-#      minutes to build on the CPU) and omniglot_step.py with --device cuda, and
+#   1. benchmarks/layers.py (the tiny call's host time and operator count, the large call eager,
+#      compiled and as CUDA graphs), youtube8m_step.py (without DMTRL Tucker and TT, whose
+#      factors take minutes to build on the CPU) and omniglot_step.py with --device cuda, and
 #      benchmarks/cuda_profile.py (launch cost against kernel time, CUDA graphs, profiles);
 #   2. the CUDA tests: Triton kernels against the naive formula (float32, float64), gradcheck
-#      in float64, every model's outputs and gradients CPU against CUDA, Omniglot runs stacked
-#      on CUDA against the same runs one by one on the CPU;
+#      in float64, grouped bases, the backward's bits run after run, torch.library.opcheck of
+#      the operators, a compiled TAAN step (Inductor, and CUDA graphs) against eager, every
+#      model's outputs and gradients CPU against CUDA, Omniglot runs stacked on CUDA against
+#      the same runs one by one on the CPU;
 #   3. the main job for 2 epochs on CUDA (python -m Youtube8M.run_builtin);
 #   4. benchmarks/omniglot_sweep.py on CUDA: runs at once, and the whole figure's time projected;
 #   5. python -m Omniglot.reproduce --preset quick on CUDA (synthetic alphabets), its table.
 # Each step has a time limit, cut so that the whole script ends within BUDGET_S seconds.
 set -u
 cd "$(dirname "$0")/.."
+if ! python3 -c "import torch" 2>/dev/null; then
+  echo "cuda_check.sh: python3 has no torch here: run it where torch with CUDA is installed" >&2
+  exit 1
+elif ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "cuda_check.sh: no CUDA device here (torch.cuda.is_available() is False): run it on a GPU machine" >&2
+  exit 1
+fi
 BUDGET_S=${BUDGET_S:-480}
 start=$(date +%s)
 out=${OUT:-/tmp/cuda_check}
@@ -60,14 +70,14 @@ timeout 240 python3 -c "from Layers._tal_build import load_extension; print('C++
   > "$out/cpp_build.log" 2>&1 &
 build=$!
 
-step "TAL_Linear on CUDA (benchmarks/layers.py)" 60 python3 benchmarks/layers.py --device cuda
+step "TAL_Linear on CUDA (benchmarks/layers.py)" 100 python3 benchmarks/layers.py --device cuda
 step "Youtube-8M step on CUDA" 75 python3 benchmarks/youtube8m_step.py --device cuda --repeats 3 \
   --models STL MRN SoftOrder DMTRL-LAF CrossStitch MMoE TAAN
 step "Omniglot iteration on CUDA" 45 python3 benchmarks/omniglot_step.py --device cuda
 step "Where the time goes (benchmarks/cuda_profile.py)" 60 python3 benchmarks/cuda_profile.py
 wait "$build"      # (a plain `wait` would also wait for the tee above, forever)
 cat "$out/cpp_build.log"
-step "CUDA tests" 120 python3 -m pytest -q -p no:cacheprovider -rs tests \
+step "CUDA tests" 150 python3 -m pytest -q -p no:cacheprovider -rs tests \
   -k "(cuda or gpu or device or triton) and not interpreter_mode"
 step "main job, 2 epochs on CUDA" 60 python3 -m Youtube8M.run_builtin --max_epoch 2 --device cuda \
   --data_path /tmp/taan_builtin_data --out /tmp/taan_builtin

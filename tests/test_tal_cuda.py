@@ -136,3 +136,56 @@ def test_a_bad_task_id_on_cuda_stops_the_run_at_the_next_synchronisation():
             "torch.cuda.synchronize()")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "_assert_async" in done.stderr, done.stderr[-2000:]
+
+
+def test_operators_pass_opcheck_on_cuda():
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(6, 2, 5, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
+    alpha = torch.randn(6, 4, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
+    basis = torch.randn(2, 4, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
+    rt = torch.tensor([0, 5, 3, 2, 2, 1], device="cuda")
+    torch.library.opcheck(torch.ops.taan.tal_activation.default, (a, alpha, basis, rt, True))
+    h = torch.randn(5, 3, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
+    w = torch.randn(4, 2, 3, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
+    torch.library.opcheck(torch.ops.taan.rows_linear.default, (h, torch.tensor([3, 0, 3, 1, 0], device="cuda"), w, None))
+
+
+def test_gpu_gradients_are_the_same_bits_every_run():
+    """The Triton backward has no atomics (or the PyTorch path runs, which sums by index_add)."""
+    pytest.importorskip("triton", reason="triton is not installed: CUDA runs the PyTorch path")
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(4096, 1024, generator=g).to("cuda")
+    alpha, basis = torch.randn(16, 64, generator=g).to("cuda"), torch.randn(1, 64, generator=g).to("cuda")
+    rt = torch.randint(0, 16, (4096,), generator=g).to("cuda")
+    grad = torch.randn(4096, 1024, generator=g).to("cuda")
+    runs = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_() for t in (a, alpha, basis)]
+        runs.append(torch.autograd.grad(_tal_kernel.tal_activation(*leaves, rt), leaves, grad))
+    for later in runs[1:]:
+        assert all(torch.equal(u, v) for u, v in zip(runs[0], later))
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["default", "cuda-graphs"])
+def test_compiled_youtube8m_taan_step_on_cuda_equals_eager(mode):
+    """The training step compiled with Inductor (Triton code around the taan:: operators) and,
+    in 'reduce-overhead' mode, replayed as CUDA graphs: the eager step's loss and gradients."""
+    torch.manual_seed(0)
+    model = build_youtube8m("TAAN", 20, 16, YT_CLASSES, basis=8, regularize="distance").to("cuda")
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(b, 20, generator=g).to("cuda") for b in YT_SIZES]
+    ys = [(torch.rand(b, c, generator=g) < 0.3).float().to("cuda") for b, c in zip(YT_SIZES, YT_CLASSES)]
+
+    def step(xs):
+        return multitask_loss(model(xs), ys)[0] + model.regularization(1.0)
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    results = []
+    for f in (step, compiled, compiled, compiled):       # the CUDA graphs are recorded, then replayed
+        model.zero_grad(set_to_none=True)
+        loss = f(xs)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], rel=1e-5)
+        for u, v in zip(grads, results[0][1]):
+            torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
