@@ -195,21 +195,23 @@ class _TAL:
         name = type(self).__name__
         spec = parse_task(task, self.tasks, x, feature_dims, per_row, name)
         check_width(x, self._in_size, -feature_dims, name, "features" if feature_dims == 1 else "channels")
+        alpha = self.alpha
         if self.normalize:
             with torch.no_grad():
                 self.alpha.div_(self.alpha.norm(dim=-1, keepdim=True))
+            alpha = self.alpha.clone()     # what this call's backward uses, whatever later calls rescale
         B, multi = x.shape[0], spec.kind == "multi"
         a = affine(x.flatten(0, 1) if multi and not spec.shared else x)      # [rows, *out]
         ids = spec.ids.expand(B) if spec.kind == "single" else spec.ids
         if self.bn is not None:
             if not multi and fused_batchnorm_applies(a, self.bn):            # batch norm in the kernel
-                return self._dropout(tal_batchnorm_activation(a, self.bn, self.alpha, self.basis, ids))
+                return self._dropout(tal_batchnorm_activation(a, self.bn, alpha, self.basis, ids))
             a = self.bn(a)
         if not multi:
-            return self._dropout(tal_activation(a, self.alpha, self.basis, ids))
+            return self._dropout(tal_activation(a, alpha, self.basis, ids))
         k, out_shape = spec.k, a.shape[1:]
         a = a.reshape(B, 1 if spec.shared else k, -1).expand(B, k, -1).reshape(B * k, -1)
-        return self._dropout(tal_activation(a, self.alpha, self.basis, ids.repeat(B)).view(B, k, *out_shape))
+        return self._dropout(tal_activation(a, alpha, self.basis, ids.repeat(B)).view(B, k, *out_shape))
 
     def _dropout(self, h):
         return F.dropout(h, p=0.5, training=self.training) if self.dropout else h

@@ -146,6 +146,20 @@ def test_normalize_rescales_alpha_rows(backend):
     assert (out - naive_layer(layer, x, 1)).abs().max().item() < 1e-10
 
 
+def test_normalize_allows_several_calls_before_backward(backend):
+    """The original called the layer once per task, then summed the losses: every call
+    renormalises alpha in place, and each call's backward uses the alpha it computed with."""
+    layer = make("linear", bn=False, normalize=True)
+    x = inputs("linear", 5)
+    (layer(x, 0).sum() + layer(x, 3).sum()).backward()
+    got = layer.alpha.grad.clone()
+    layer.alpha.grad = None
+    alpha = layer.alpha.detach().clone().requires_grad_()      # already unit rows: renormalising changes nothing
+    a = F.linear(x, layer.weight, layer.bias)
+    want = torch.autograd.grad(sum(tal_act(a, alpha[t], layer.basis.reshape(-1)).sum() for t in (0, 3)), alpha)[0]
+    assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 @pytest.mark.parametrize("mode", ["int", "ids_shared", "per_row"])
 def test_gradcheck(backend, kind, mode):
