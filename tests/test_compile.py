@@ -129,6 +129,34 @@ def test_task_ids_are_still_checked():
         compiled(x, bad)
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_rows_operators_equal_one_call_per_row_and_pass_opcheck(bias):
+    """taan::rows_linear / rows_conv2d: row i with task ids[i]'s weights, as a loop over rows
+    would compute it (tasks with no row, rows in any order), with gradcheck and opcheck."""
+    from Layers import rows_conv2d, rows_linear
+    from test_tal import assert_passes_opcheck
+    g = torch.Generator().manual_seed(13)
+    ids = torch.tensor([3, 0, 3, 1, 0])                      # task 2 has no row
+    h = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, 2, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    want = torch.stack([w[t] @ h[i] + (b[t] if bias else 0) for i, t in enumerate(ids.tolist())])
+    torch.testing.assert_close(rows_linear(h, ids, w, b), want, rtol=1e-12, atol=1e-12)
+    leaves = (h, w) + ((b,) if bias else ())
+    assert torch.autograd.gradcheck(lambda h, w, *b: rows_linear(h, ids, w, b[0] if b else None), leaves)
+    assert_passes_opcheck(torch.ops.taan.rows_linear.default, (h, ids, w, b))
+    x = torch.randn(5, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(4, 3, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    kb = torch.randn(4, 3, dtype=torch.float64, generator=g, requires_grad=True) if bias else None
+    conv = dict(stride=[1, 1], padding=[1, 1], dilation=[1, 1], groups=1)
+    want = torch.cat([torch.nn.functional.conv2d(x[i:i + 1], k[t], kb[t] if bias else None, padding=1)
+                      for i, t in enumerate(ids.tolist())])
+    torch.testing.assert_close(rows_conv2d(x, ids, k, kb, **conv), want, rtol=1e-12, atol=1e-12)
+    leaves = (x, k) + ((kb,) if bias else ())
+    assert torch.autograd.gradcheck(lambda x, k, *kb: rows_conv2d(x, ids, k, kb[0] if kb else None, **conv), leaves)
+    assert_passes_opcheck(torch.ops.taan.rows_conv2d.default, (x, ids, k, kb, [1, 1], [1, 1], [1, 1], 1))
+
+
 YT_CLASSES, YT_SIZES = [3, 5, 2, 7], [6, 3, 5, 4]
 YT_VARIANTS = [(name, {}) for name in YOUTUBE8M_MODELS if name not in ("DMTRL", "TAAN")] + \
     [("DMTRL", {"method": m}) for m in ("Tucker", "TT", "LAF")] + [("TAAN", {"basis": 8, "regularize": "distance"})]

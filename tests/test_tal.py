@@ -14,6 +14,12 @@ from Layers import _tal_build, _tal_kernel
 BACKENDS = ["torch", "cpp"]
 
 
+def assert_passes_opcheck(op, args):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, AOT tracing), every check passed."""
+    results = torch.library.opcheck(op, args)
+    assert results and set(results.values()) == {"SUCCESS"}, results
+
+
 def use_backend(monkeypatch, name):
     """Run the rest of the test on the TAL backend `name` (restored afterwards)."""
     monkeypatch.setattr(_tal_kernel, "_backend", _tal_kernel._backend)
@@ -235,16 +241,16 @@ def test_operators_pass_opcheck(backend, keep):
     basis = torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True)
     rt = torch.tensor([0, 5, 3, 2, 2, 1])
     ops = torch.ops.taan
-    torch.library.opcheck(ops.tal_activation.default, (a, alpha, basis, rt, keep))
+    assert_passes_opcheck(ops.tal_activation.default, (a, alpha, basis, rt, keep))
     out, k = ops.tal_activation(a.detach(), alpha.detach(), basis.detach(), rt, keep)
     assert k.shape == ((6, 10) if keep else (0, 10))
-    torch.library.opcheck(ops.tal_activation_backward.default,
+    assert_passes_opcheck(ops.tal_activation_backward.default,
                           (torch.randn_like(out), a.detach(), k, alpha.detach(), basis.detach(), rt, True))
     if backend == "cpp":     # batch norm inside the kernel: the C++ kernel only
         z = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
         w = torch.rand(3, dtype=torch.float64, generator=g).requires_grad_()
         b = torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()
-        torch.library.opcheck(ops.channel_stats.default, (z.detach(), 3))
+        assert_passes_opcheck(ops.channel_stats.default, (z.detach(), 3))
         mean, var = ops.channel_stats(z.detach(), 3)
         assert torch.allclose(mean, z.detach().mean((0, 2, 3))) and torch.allclose(var, z.detach().var((0, 2, 3), unbiased=False))
         invstd = torch.rsqrt(var + 1e-5)
@@ -252,7 +258,7 @@ def test_operators_pass_opcheck(backend, keep):
         al = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
         bs = torch.randn(1, 4, dtype=torch.float64, generator=g, requires_grad=True)
         for weight, bias, batch_stats in ((w, b, True), (w, b, False), (None, None, True)):
-            torch.library.opcheck(ops.tal_batchnorm_activation.default,
+            assert_passes_opcheck(ops.tal_batchnorm_activation.default,
                                   (z, weight, bias, mean, invstd, al, bs, rt2, batch_stats, keep))
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from Layers import TAL_Conv2d, TAL_Linear, _tal_kernel
+from test_tal import assert_passes_opcheck
 from Omniglot.TAAN import IMAGE_SIZE, MODELS as OMNIGLOT_MODELS, build_model as build_omniglot
 from Youtube8M.models import MODELS as YOUTUBE8M_MODELS, build_model as build_youtube8m, multitask_loss
 
@@ -144,10 +145,10 @@ def test_operators_pass_opcheck_on_cuda():
     alpha = torch.randn(6, 4, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
     basis = torch.randn(2, 4, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
     rt = torch.tensor([0, 5, 3, 2, 2, 1], device="cuda")
-    torch.library.opcheck(torch.ops.taan.tal_activation.default, (a, alpha, basis, rt, True))
+    assert_passes_opcheck(torch.ops.taan.tal_activation.default, (a, alpha, basis, rt, True))
     h = torch.randn(5, 3, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
     w = torch.randn(4, 2, 3, dtype=torch.float64, generator=g).to("cuda").requires_grad_()
-    torch.library.opcheck(torch.ops.taan.rows_linear.default, (h, torch.tensor([3, 0, 3, 1, 0], device="cuda"), w, None))
+    assert_passes_opcheck(torch.ops.taan.rows_linear.default, (h, torch.tensor([3, 0, 3, 1, 0], device="cuda"), w, None))
 
 
 def test_gpu_gradients_are_the_same_bits_every_run():
