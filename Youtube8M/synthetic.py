@@ -258,6 +258,7 @@ def main(argv=None):
         parser.add_argument("--" + key, type=float, default=DEFAULTS[key])
     parser.add_argument("--keep_raw", action="store_true", help="keep the TFRecords in OUT/raw")
     args = vars(parser.parse_args(argv))
+    args.pop("debug")                     # the shared flag of every command line, not a data setting
     out, seed, keep_raw = args.pop("out"), args.pop("seed"), args.pop("keep_raw")
     info = make_synthetic_data(out, seed, keep_raw, **args)
     print("synthetic data in %s: train %d, valid %d, test %d videos; groups %s"

@@ -139,6 +139,17 @@ def test_converter_errors(raw, tmp_path):
 
 
 # ---------------------------------------------------------------- synthetic data
+def test_synthetic_command_line_writes_a_data_folder(tmp_path, capsys):
+    """`python -m Youtube8M.synthetic` as README documents it (its flags reached the generator
+    together with the shared --debug flag and every call failed)."""
+    from Youtube8M import synthetic
+    out = str(tmp_path / "cli")
+    info = synthetic.main(["--out", out, "--num_train", "300", "--num_valid", "100", "--train_files", "1",
+                           "--valid_files", "1"])
+    assert info["videos"]["train"] == 300 and info["videos"]["valid"] + info["videos"]["test"] == 100
+    assert os.path.isfile(os.path.join(out, "tasks.json")) and f"synthetic data in {out}" in capsys.readouterr().out
+
+
 def test_synthetic_sizes_groups_labels(tmp_path):
     out = str(tmp_path / "syn")
     info = make_synthetic_data(out, seed=0, num_train=2000, num_valid=400, train_files=2,
