@@ -144,8 +144,8 @@ def test_synthetic_command_line_writes_a_data_folder(tmp_path, capsys):
     together with the shared --debug flag and every call failed)."""
     from Youtube8M import synthetic
     out = str(tmp_path / "cli")
-    info = synthetic.main(["--out", out, "--num_train", "300", "--num_valid", "100", "--train_files", "1",
-                           "--valid_files", "1"])
+    info = synthetic.main(["--out", out, "--num_train", "300", "--num_valid", "100", "--train_files", "2",
+                           "--valid_files", "2"])
     assert info["videos"]["train"] == 300 and info["videos"]["valid"] + info["videos"]["test"] == 100
     assert os.path.isfile(os.path.join(out, "tasks.json")) and f"synthetic data in {out}" in capsys.readouterr().out
 
