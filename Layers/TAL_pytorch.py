@@ -210,7 +210,8 @@ class _TAL:
         if not multi:
             return self._dropout(tal_activation(a, alpha, self.basis, ids))
         k, out_shape = spec.k, a.shape[1:]
-        a = a.reshape(B, 1 if spec.shared else k, -1).expand(B, k, -1).reshape(B * k, -1)
+        n = math.prod(out_shape)                           # explicit sizes: B may be 0
+        a = a.reshape(B, 1 if spec.shared else k, n).expand(B, k, n).reshape(B * k, n)
         return self._dropout(tal_activation(a, alpha, self.basis, ids.repeat(B)).view(B, k, *out_shape))
 
     def _dropout(self, h):

@@ -316,7 +316,7 @@ def tal_activation_naive(a, alpha_rows, basis):
 @torch.library.custom_op("taan::channel_stats", mutates_args=(), device_types="cpu")
 def _channel_stats_op(z: Tensor, channels: int) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance (float64 [C]) of z [R, C, *] by two passes (C++)."""
-    return tuple(_tal_build.load_extension(required=True).channel_stats(z.contiguous().view(z.shape[0], -1),
+    return tuple(_tal_build.load_extension(required=True).channel_stats(_rows(z),
                                                                          channels))
 
 
@@ -340,7 +340,7 @@ def _bn_activation_op(z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor
     ``batch_stats``: mean and invstd are z's own statistics (their gradient flows to z)."""
     scale, shift = _scale_shift(weight, bias, mean, invstd, z.dtype)
     out, k = _tal_build.load_extension(required=True).forward(
-        z.contiguous().view(z.shape[0], -1), row_task.contiguous(), alpha.contiguous(), basis.contiguous(),
+        _rows(z), row_task.contiguous(), alpha.contiguous(), basis.contiguous(),
         keep_buckets, scale, shift)
     return out.view(z.shape), k
 
@@ -358,7 +358,7 @@ def _bn_activation_backward_op(grad: Tensor, z: Tensor, buckets: Tensor, weight:
     """Gradients of z, the batch norm's weight and bias, alpha and basis (see
     `tal_batchnorm_activation`)."""
     ext = _tal_build.load_extension(required=True)
-    shape, z = z.shape, z.contiguous().view(z.shape[0], -1)
+    shape, z = z.shape, _rows(z)
     scale, shift = _scale_shift(weight, bias, mean, invstd, z.dtype)
     grad_z, grad_alpha, grad_basis, (sum_ga, sum_gaz) = ext.backward(
         grad.contiguous().view_as(z), z, buckets.contiguous(), row_task.contiguous(), alpha.contiguous(),

@@ -325,7 +325,7 @@ def task_conv2d(x, spec, kernels, stride, padding, dilation, groups):
     [B, k, C, H, W]; output [B, out, H', W'] or [B, k, out, H', W']."""
     def stacked(X, K, b):     # X [N, k, C, H, W] -> [N, k, out, H', W']
         N, k = X.shape[:2]
-        y = F.conv2d(X.reshape(N, -1, *X.shape[3:]), K.reshape(-1, *K.shape[2:]),
+        y = F.conv2d(X.reshape(N, k * X.shape[2], *X.shape[3:]), K.reshape(-1, *K.shape[2:]),
                      None if b is None else b.reshape(-1), stride, padding, dilation, k * groups)
         return y.view(N, k, K.shape[1], *y.shape[2:])
 

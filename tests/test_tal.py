@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from Layers import TAL_Conv2d, TAL_Linear
+from Layers import DMTRL_Conv2d, DMTRL_Linear, MRN_Conv2d, MRN_Linear, TAL_Conv2d, TAL_Linear
 from Layers import TAL_pytorch as tal
 from Layers import _tal_build, _tal_kernel
 
@@ -636,3 +636,36 @@ def test_batchnorm_in_the_kernel_gradcheck(monkeypatch):
     def f(x, *ps):
         return torch.func.functional_call(layer, dict(zip(names, ps)), (x, ids), {"per_row": True})
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------ empty batches
+EMPTY_LAYERS = {
+    "TAL_Linear": lambda: (TAL_Linear(8, 5, 4, 3), (8,), (5,)),
+    "TAL_Linear[bn]": lambda: (TAL_Linear(8, 5, 4, 3, bn=True).eval(), (8,), (5,)),
+    "TAL_Conv2d": lambda: (TAL_Conv2d(2, 3, 3, 4, 3, padding=1).eval(), (2, 5, 5), (3, 5, 5)),
+    "MRN_Linear": lambda: (MRN_Linear(8, 5, 3).eval(), (8,), (5,)),
+    "MRN_Conv2d": lambda: (MRN_Conv2d(2, 3, 3, 3, padding=1).eval(), (2, 5, 5), (3, 5, 5)),
+    "DMTRL_Linear": lambda: (DMTRL_Linear(8, 5, 3, "TT"), (8,), (5,)),
+    "DMTRL_Conv2d": lambda: (DMTRL_Conv2d(2, 3, 3, 3, "TT", padding=1), (2, 5, 5), (3, 5, 5)),
+}
+
+
+@pytest.mark.parametrize("mode", ["int", "ids_shared", "ids_per_task", "per_row"])
+@pytest.mark.parametrize("name", list(EMPTY_LAYERS))
+def test_an_empty_batch_works_in_every_layer_and_mode(backend, name, mode):
+    """As nn.Linear: 0 rows in, 0 rows out, and a backward pass with zero gradients."""
+    torch.manual_seed(0)
+    layer, shape, out_shape = EMPTY_LAYERS[name]()
+    ids = torch.tensor([0, 2])
+    x, task, per_row, want = {
+        "int": (torch.randn(0, *shape), 1, False, (0, *out_shape)),
+        "ids_shared": (torch.randn(0, *shape), ids, False, (0, 2, *out_shape)),
+        "ids_per_task": (torch.randn(0, 2, *shape), ids, False, (0, 2, *out_shape)),
+        "per_row": (torch.randn(0, *shape), torch.zeros(0, dtype=torch.long), True, (0, *out_shape)),
+    }[mode]
+    x.requires_grad_()
+    out = layer(x, task, per_row=per_row)
+    assert out.shape == want
+    (out.sum() + 0 * sum(p.sum() for p in layer.parameters())).backward()
+    assert x.grad.shape == x.shape
+    assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
