@@ -40,8 +40,8 @@ from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once
 from Omniglot.TAAN import build_model
 from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
                             load_data)
-from Training import (ArgumentParser, atomic_torch_save, atomic_write_json, atomic_write_text,
-                      count_parameters, default_path, entry_point, resolve_device)
+from Training import (ArgumentParser, atomic_torch_save, atomic_write_json, atomic_write_text, count, count_parameters,
+                      default_path, entry_point, real, resolve_device)
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
 SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<reg>/
@@ -49,13 +49,13 @@ SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<
 
 def add_sweep_arguments(p):
     """How many runs train at once and how, and how often their state is saved (also Omniglot.reproduce's)."""
-    p.add_argument("--runs_at_once", type=int, default=None,
+    p.add_argument("--runs_at_once", type=count(1), default=None,
                    help="runs trained at once (default: all on CUDA, as many as fit; 1 on the CPU)")
     p.add_argument("--stacking", choices=STACKINGS, default=None,
                    help="how the runs at once are computed: stacked (one batched network; the CUDA default), "
                         "separate (their own networks one after another, each bit for bit as train.py; the CPU "
                         "default); union is stacked")
-    p.add_argument("--save_every", type=float, default=300.0,
+    p.add_argument("--save_every", type=real(low=0), default=300.0,
                    help="seconds between saves of the training state, for resuming (default 300; "
                         "0: after every evaluation)")
 
@@ -67,9 +67,9 @@ def build_parser():
     g.add_argument("--VMTL", choices=sorted(results.ORIGINAL_NAMES),
                    help="the original's name of the regulariser (NoVMTL = none, LowRank = tracenorm, "
                         "Euclidean = distance, Cosine = cosine)")
-    p.add_argument("--lambdas", type=float, nargs="+", default=None,
+    p.add_argument("--lambdas", type=real(low=0), nargs="+", default=None,
                    help="regularisation weights (default 0.1 0.2 0.3 0.4; 'none' always uses 0)")
-    p.add_argument("--repeats", type=int, default=5, help="runs per lambda (default 5)")
+    p.add_argument("--repeats", type=count(1), default=5, help="runs per lambda (default 5)")
     p.add_argument("--results_dir", default=default_path("results", "omniglot"),
                    help="folder of the Results-TAAN-Omniglot-<reg>.txt files (default %(default)s)")
     p.add_argument("--save_models", default="", metavar="DIR",
@@ -88,12 +88,6 @@ def parse_args(argv=None):
     if args.VMTL:
         args.regularize = results.ORIGINAL_NAMES[args.VMTL]
     check_args(parser, args)
-    if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
-    if args.runs_at_once is not None and args.runs_at_once < 1:
-        parser.error(f"--runs_at_once must be >= 1, got {args.runs_at_once}")
-    if args.lambdas is not None and any(lam < 0 for lam in args.lambdas):
-        parser.error(f"--lambdas must be >= 0, got {args.lambdas}")
     if args.resume and not args.save_models:
         parser.error("--resume needs --save_models DIR (the sweep's records to continue from)")
     return args

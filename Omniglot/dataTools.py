@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from Training import ArgumentParser, UserError, atomic_path, atomic_write_text, default_path, entry_point
+from Training import ArgumentParser, UserError, atomic_path, atomic_write_text, count, default_path, entry_point, real
 
 IMAGE_SIZE = 105                     # Omniglot images are 105 x 105 pixels, used at full size
 DEFAULT_DATA_ROOT = default_path("data", "omniglot")
@@ -448,8 +448,8 @@ def main(argv=None):
                        "the HDF5 image cache into the data folder.")
     p.add_argument("--root", default=DEFAULT_DATA_ROOT,
                    help="folder holding images_background/ and images_evaluation/ (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the 90/10 split")
-    p.add_argument("--train_fraction", type=float, default=0.9)
+    p.add_argument("--seed", type=count(0), default=0, help="seed of the 90/10 split")
+    p.add_argument("--train_fraction", type=real(above=0, below=1), default=0.9)
     args = p.parse_args(argv)
     start = time.time()
     summary = write_split_lists(args.root, seed=args.seed, train_fraction=args.train_fraction)

@@ -52,8 +52,8 @@ from Omniglot.stack import default_stacking
 from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_once, format_duration, load_saved_sweep,
                             train_runs)
 from Omniglot.train import DTYPES, STATE_NAME, load_data
-from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, default_path,
-                      entry_point, resolve_device)
+from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, count, default_path,
+                      entry_point, real, resolve_device)
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME = "records.json", "table", "lambda"
 PAPER_ALPHABETS = 50
@@ -84,22 +84,24 @@ def build_parser():
     g = p.add_argument_group("protocol (default: the preset's)")
     g.add_argument("--regularizers", nargs="+", type=str.lower, choices=results.REGULARIZERS, default=None,
                    help="default: all four")
-    g.add_argument("--lambdas", type=float, nargs="+", default=None, help="paper: 0.1 0.2 0.3 0.4")
-    g.add_argument("--repeats", type=int, default=None, help="runs per regulariser and lambda (paper: 5)")
-    g.add_argument("--alphabets", type=int, default=None, help="use only the first N alphabets (paper: all 50)")
-    g.add_argument("--num_iter", type=int, default=None, help="most iterations per run (paper: 15000)")
-    g.add_argument("--test_interval", type=int, default=None, help="iterations between tests (paper: 100)")
-    g.add_argument("--early_stop", type=int, default=None, help="tests without gain before a run stops (paper: 100)")
-    g.add_argument("--lr", type=float, default=None, help="base learning rate, heads 50x (paper: 1e-5)")
-    g.add_argument("--basis", type=int, default=None, help="basis functions per TAL layer (paper: 32)")
-    g.add_argument("--batch", type=int, default=None, help="training images per alphabet per iteration (paper: 5)")
+    g.add_argument("--lambdas", type=real(above=0), nargs="+", default=None, help="paper: 0.1 0.2 0.3 0.4")
+    g.add_argument("--repeats", type=count(1), default=None, help="runs per regulariser and lambda (paper: 5)")
+    g.add_argument("--alphabets", type=count(1), default=None, help="use only the first N alphabets (paper: all 50)")
+    g.add_argument("--num_iter", type=count(1), default=None, help="most iterations per run (paper: 15000)")
+    g.add_argument("--test_interval", type=count(1), default=None, help="iterations between tests (paper: 100)")
+    g.add_argument("--early_stop", type=count(1), default=None,
+                   help="tests without gain before a run stops (paper: 100)")
+    g.add_argument("--lr", type=real(above=0), default=None,
+                   help="base learning rate, heads 50x (paper: 1e-5)")
+    g.add_argument("--basis", type=count(1), default=None, help="basis functions per TAL layer (paper: 32)")
+    g.add_argument("--batch", type=count(1), default=None, help="training images per alphabet per iteration (paper: 5)")
     g.add_argument("--paper_formulas", action="store_true",
                    help="the paper's tracenorm (nuclear norm) and cosine formulas instead of the original code's, "
                         "with which the reported numbers were made")
-    g.add_argument("--c0", type=float, default=C0_ORIGINAL, help="constant of the closed forms (original: 0.4)")
-    g.add_argument("--seed", type=int, default=0, help="seed of repeat 1; repeat j uses seed + j - 1 (default 0)")
-    g.add_argument("--split_seed", type=int, default=0, help="seed of the 90/10 train/test split (default 0)")
-    p.add_argument("--eval_batch", type=int, default=10,
+    g.add_argument("--c0", type=real(above=0), default=C0_ORIGINAL, help="constant of the closed forms (original: 0.4)")
+    g.add_argument("--seed", type=count(0), default=0, help="seed of repeat 1; repeat j uses seed + j - 1 (default 0)")
+    g.add_argument("--split_seed", type=count(0), default=0, help="seed of the 90/10 train/test split (default 0)")
+    p.add_argument("--eval_batch", type=count(1), default=10,
                    help="test images per alphabet in one evaluation step (memory only; default 10)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="default float32")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -117,12 +119,6 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.regularizers = [r for r in results.REGULARIZERS if r in args.regularizers]
     args.lambdas = sorted(set(args.lambdas))
-    for name in ("repeats", "num_iter", "test_interval", "early_stop", "basis", "batch", "eval_batch", "alphabets",
-                 "runs_at_once"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0 or any(lam <= 0 for lam in args.lambdas):
-        parser.error(f"--lr and --lambdas must be > 0, got {args.lr} and {args.lambdas}")
     if args.results_dir is None:
         args.results_dir = default_path("results", "omniglot_reproduce" + ("_quick" if args.preset == "quick" else ""))
     return args

@@ -41,7 +41,8 @@ import time
 from Omniglot import Evaluation_TAAN, Figure_wrt_Lambda, results, visualization_full
 from Omniglot.synthetic import MARKER, ensure_builtin_data
 from Omniglot.train import load_data
-from Training import ArgumentParser, UserError, atomic_write_json, default_path, entry_point, resolve_device
+from Training import (ArgumentParser, UserError, atomic_write_json, count, default_path, entry_point, real,
+                      resolve_device)
 SETTINGS_NAME = "run_builtin.json"
 DATA_KEYS = ("alphabets", "drawers", "min_chars", "max_chars", "data_seed")
 SWEEP_KEYS = ("regularizers", "lambdas", "repeats", "num_iter", "test_interval", "early_stop", "lr",
@@ -57,25 +58,25 @@ def build_parser():
     p.add_argument("--out", default=default_path("results", "omniglot_builtin"),
                    help="results folder (default %(default)s)")
     g = p.add_argument_group("synthetic data (used when it is created)")
-    g.add_argument("--alphabets", type=int, default=10, help="alphabets = tasks (default 10; real set 50)")
-    g.add_argument("--drawers", type=int, default=10, help="images per character (default 10; real set 20)")
-    g.add_argument("--min_chars", type=int, default=14, help="fewest characters per alphabet (default 14)")
-    g.add_argument("--max_chars", type=int, default=55, help="most characters per alphabet (default 55)")
-    g.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic images (default 0)")
+    g.add_argument("--alphabets", type=count(1), default=10, help="alphabets = tasks (default 10; real set 50)")
+    g.add_argument("--drawers", type=count(1), default=10, help="images per character (default 10; real set 20)")
+    g.add_argument("--min_chars", type=count(1), default=14, help="fewest characters per alphabet (default 14)")
+    g.add_argument("--max_chars", type=count(1), default=55, help="most characters per alphabet (default 55)")
+    g.add_argument("--data_seed", type=count(0), default=0, help="seed of the synthetic images (default 0)")
     g = p.add_argument_group("sweep")
     g.add_argument("--regularizers", nargs="+", type=str.lower, default=list(results.REGULARIZERS),
                    choices=results.REGULARIZERS, help="default: all four")
-    g.add_argument("--lambdas", type=float, nargs="+", default=[0.1, 0.3],
+    g.add_argument("--lambdas", type=real(above=0), nargs="+", default=[0.1, 0.3],
                    help="regularisation weights (default 0.1 0.3; the paper 0.1 0.2 0.3 0.4)")
-    g.add_argument("--repeats", type=int, default=2, help="runs per lambda (default 2; the paper 5)")
-    g.add_argument("--num_iter", type=int, default=100, help="iterations per run (default 100; the paper 15000)")
-    g.add_argument("--test_interval", type=int, default=20, help="default 20 (the paper 100)")
-    g.add_argument("--early_stop", type=int, default=5, help="default 5 (the paper 100)")
-    g.add_argument("--lr", type=float, default=1e-3, help="base learning rate (default 1e-3; the paper 1e-5)")
-    g.add_argument("--basis", type=int, default=32, help="default 32 (as the paper)")
-    g.add_argument("--batch", type=int, default=5, help="images per alphabet per step (default 5, as the paper)")
-    g.add_argument("--split_seed", type=int, default=0)
-    g.add_argument("--seed", type=int, default=0, help="seed of run 1; run j uses seed + j - 1")
+    g.add_argument("--repeats", type=count(1), default=2, help="runs per lambda (default 2; the paper 5)")
+    g.add_argument("--num_iter", type=count(1), default=100, help="iterations per run (default 100; the paper 15000)")
+    g.add_argument("--test_interval", type=count(1), default=20, help="default 20 (the paper 100)")
+    g.add_argument("--early_stop", type=count(1), default=5, help="default 5 (the paper 100)")
+    g.add_argument("--lr", type=real(above=0), default=1e-3, help="base learning rate (default 1e-3; the paper 1e-5)")
+    g.add_argument("--basis", type=count(1), default=32, help="default 32 (as the paper)")
+    g.add_argument("--batch", type=count(1), default=5, help="images per alphabet per step (default 5, as the paper)")
+    g.add_argument("--split_seed", type=count(0), default=0)
+    g.add_argument("--seed", type=count(0), default=0, help="seed of run 1; run j uses seed + j - 1")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--resume", action="store_true",
                    help="continue the job in --out (same settings) instead of starting fresh result files")

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from Omniglot.dataTools import IMAGE_SIZE, SPLIT_FOLDERS
-from Training import ArgumentParser, UserError, atomic_write_json, entry_point
+from Training import ArgumentParser, UserError, atomic_write_json, count, entry_point
 
 MARKER = "SYNTHETIC.json"
 DEFAULTS = dict(alphabets=50, drawers=20, min_chars=14, max_chars=55, seed=0)
@@ -191,14 +191,14 @@ def main(argv=None):
     p = ArgumentParser(description="Generate the synthetic Omniglot-format data set.")
     p.add_argument("--root", required=True, help="folder to create images_background/ and "
                    "images_evaluation/ in")
-    p.add_argument("--alphabets", type=int, default=DEFAULTS["alphabets"])
-    p.add_argument("--drawers", type=int, default=DEFAULTS["drawers"],
+    p.add_argument("--alphabets", type=count(1), default=DEFAULTS["alphabets"])
+    p.add_argument("--drawers", type=count(1), default=DEFAULTS["drawers"],
                    help="images per character")
-    p.add_argument("--min_chars", type=int, default=DEFAULTS["min_chars"],
+    p.add_argument("--min_chars", type=count(1), default=DEFAULTS["min_chars"],
                    help="fewest characters per alphabet")
-    p.add_argument("--max_chars", type=int, default=DEFAULTS["max_chars"],
+    p.add_argument("--max_chars", type=count(1), default=DEFAULTS["max_chars"],
                    help="most characters per alphabet")
-    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--seed", type=count(0), default=DEFAULTS["seed"])
     args = p.parse_args(argv)
     start = time.time()
     info = generate(args.root, alphabets=args.alphabets, drawers=args.drawers,

@@ -30,8 +30,8 @@ from Layers.TAL_pytorch import C0_ORIGINAL, layer_regularizer
 from Omniglot.dataTools import DEFAULT_DATA_ROOT, OmniglotData, prepare
 from Omniglot.results import REGULARIZERS
 from Omniglot.TAAN import MODELS, build_model, multitask_loss
-from Training import (ArgumentParser, Dataflow, Experiment, add_run_arguments, atomic_write_json, count_parameters,
-                      entry_point, run)
+from Training import (ArgumentParser, Dataflow, Experiment, add_run_arguments, atomic_write_json, count,
+                      count_parameters, entry_point, real, run)
 
 BEST_NAME, STATE_NAME, CONFIG_NAME, RESULT_NAME = ("model_params.pt", "training_state.pt",
                                                    "config.json", "result.json")
@@ -43,21 +43,23 @@ def add_training_arguments(p, outputs=True):
     output flags: outputs=False leaves out --saveto and --resume)."""
     p.add_argument("--data_root", default=DEFAULT_DATA_ROOT,
                    help="folder with images_background/ and images_evaluation/ (default %(default)s)")
-    p.add_argument("--split_seed", type=int, default=0,
+    p.add_argument("--split_seed", type=count(0), default=0,
                    help="seed of the 90/10 train/test split, used when the lists are first written")
-    p.add_argument("--alphabets", type=int, default=None,
+    p.add_argument("--alphabets", type=count(1), default=None,
                    help="use only the first N alphabets (in task order; default all)")
-    p.add_argument("--basis", type=int, default=32, help="TAAN basis functions per layer (default 32)")
-    p.add_argument("--lr", type=float, default=1e-5, help="base learning rate; heads get 50x (default 1e-5)")
-    p.add_argument("--batch", type=int, default=5, help="training images per alphabet per iteration (default 5)")
-    p.add_argument("--num_iter", type=int, default=15000, help="maximum iterations (default 15000)")
-    p.add_argument("--test_interval", type=int, default=100, help="iterations between test evaluations (default 100)")
-    p.add_argument("--eval_batch", type=int, default=10,
+    p.add_argument("--basis", type=count(1), default=32, help="TAAN basis functions per layer (default 32)")
+    p.add_argument("--lr", type=real(above=0), default=1e-5,
+                   help="base learning rate; heads get 50x (default 1e-5)")
+    p.add_argument("--batch", type=count(1), default=5, help="training images per alphabet per iteration (default 5)")
+    p.add_argument("--num_iter", type=count(1), default=15000, help="maximum iterations (default 15000)")
+    p.add_argument("--test_interval", type=count(1), default=100,
+                   help="iterations between test evaluations (default 100)")
+    p.add_argument("--eval_batch", type=count(1), default=10,
                    help="test images per alphabet in one evaluation step (memory only; default 10)")
     p.add_argument("--original_variant", action="store_true",
                    help="use the original code's tracenorm / cosine formulas (tracenorm_original, "
                         "cosine_original) instead of the paper's")
-    p.add_argument("--c0", type=float, default=C0_ORIGINAL,
+    p.add_argument("--c0", type=real(above=0), default=C0_ORIGINAL,
                    help="constant 1/sqrt(2 pi) of the regularisers' closed forms (original: %(default)s)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                    help="floating-point type of the network (default float32; float64 for exactness checks)")
@@ -71,20 +73,13 @@ def build_parser():
                    help="taan, hard (hard parameter sharing) or stl (one network per alphabet)")
     p.add_argument("--regularize", default="none", type=str.lower, choices=REGULARIZERS,
                    help="TAAN regulariser (default none)")
-    p.add_argument("--lam", type=float, default=0.0, help="weight lambda of the regulariser (default 0)")
+    p.add_argument("--lam", type=real(low=0), default=0.0, help="weight lambda of the regulariser (default 0)")
     add_training_arguments(p)
     return p
 
 
 def check_args(parser, args):
-    """Argparse errors for values no run can use."""
-    for name in ("basis", "batch", "num_iter", "test_interval", "early_stop", "eval_batch", "alphabets"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        parser.error(f"--lr must be > 0, got {args.lr}")
-    if getattr(args, "lam", 0.0) < 0:
-        parser.error(f"--lam must be >= 0, got {args.lam}")
+    """Argparse errors for combinations no run can use (each numeric flag is checked by its type)."""
     if getattr(args, "model", "taan") != "taan" and getattr(args, "regularize", "none") != "none":
         parser.error(f"--regularize {args.regularize} needs --model taan (the {args.model} network has no TAL layers)")
 

@@ -4,7 +4,7 @@
   stopping, checkpoints, resume, config file, distributed set-up;
 - checkpoint: atomic best-model and training-state checkpoints, reading them with clear errors;
 - metrics: mAP@K as a function (`map_at_k`) and as an Ignite metric (`MultiTaskMAPAtK`);
-- cli: the user-error type, one-line errors, the entry-point wrapper, boolean flags;
+- cli: the user-error type, one-line errors, the entry-point wrapper, boolean and numeric flags;
 - runtime: default folders, device choice, seeding, parameter count;
 - atomic: every file written through a temporary file and `os.replace`.
 """
@@ -12,7 +12,8 @@ from .atomic import (atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_s
                      atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries)
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
                          read_checkpoint, resolve_resume, restore, training_state_checkpoint)
-from .cli import ArgumentParser, UserError, add_bool_argument, entry_point, one_of, split_glued_booleans, str2bool
+from .cli import (ArgumentParser, UserError, add_bool_argument, count, entry_point, one_of, real, split_glued_booleans,
+                  str2bool)
 from .metrics import MultiTaskMAPAtK, ap_at_k_sum, map_at_k
 from .runtime import count_parameters, default_path, project_home, resolve_device, seed_everything
 from .trainer import Dataflow, Experiment, Run, add_run_arguments, run
@@ -21,7 +22,8 @@ __all__ = ['atomic_path', 'atomic_savefig', 'atomic_savetxt', 'atomic_torch_save
            'atomic_write', 'atomic_write_json', 'atomic_write_text', 'remove_stale_temporaries',
            'CheckpointError', 'RNGState', 'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints',
            'read_checkpoint', 'resolve_resume', 'restore', 'training_state_checkpoint',
-           'ArgumentParser', 'UserError', 'add_bool_argument', 'entry_point', 'one_of', 'split_glued_booleans', 'str2bool',
+           'ArgumentParser', 'UserError', 'add_bool_argument', 'count', 'entry_point', 'one_of', 'real',
+           'split_glued_booleans', 'str2bool',
            'MultiTaskMAPAtK', 'ap_at_k_sum', 'map_at_k',
            'count_parameters', 'default_path', 'project_home', 'resolve_device', 'seed_everything',
            'Dataflow', 'Experiment', 'Run', 'add_run_arguments', 'run']

@@ -8,6 +8,7 @@ stderr and exit status 2, with no traceback; `--debug` (or TAAN_DEBUG=1) shows t
 traceback instead. Any other exception is a programming error and keeps its traceback.
 """
 import argparse
+import math
 import os
 import sys
 
@@ -72,6 +73,39 @@ def one_of(names):
         except KeyError:
             raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(map(str, names))}; "
                                              'any case)') from None
+    return convert
+
+
+def count(low=1):
+    """argparse `type`: an integer >= low (a one-line error naming the flag otherwise)."""
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected an integer, got {text!r}') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'must be >= {low}, got {value}')
+        return value
+    convert.__name__ = 'int'
+    return convert
+
+
+def real(low=None, above=None, high=None, below=None):
+    """argparse `type`: a finite float with low <= x, above < x, x <= high, x < below (the bounds
+    given); NaN, infinities and values out of range are a one-line error naming the flag."""
+    def convert(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'expected a number, got {text!r}') from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f'must be a finite number, got {text!r}')
+        for bound, ok, word in ((low, lambda b: value >= b, '>='), (above, lambda b: value > b, '>'),
+                                (high, lambda b: value <= b, '<='), (below, lambda b: value < b, '<')):
+            if bound is not None and not ok(bound):
+                raise argparse.ArgumentTypeError(f'must be {word} {bound:g}, got {value:g}')
+        return value
+    convert.__name__ = 'float'
     return convert
 
 

@@ -24,12 +24,13 @@ One training step minimises
 with the experiment's optimizer, then calls `model.after_step(iteration)` when the model
 has one (MRN re-estimates its covariances there). With `--compile` the loss and its
 backward pass are compiled whole (`torch.compile(fullgraph=True)`; on CUDA with CUDA graphs,
-mode 'reduce-overhead'); data preparation, the optimizer step and `after_step` stay eager. The trainer never asks which model it
-trains. The evaluator runs after every epoch (or every `eval_interval` iterations, and
-before the first step with `eval_first`); early stopping and the best model follow the
-experiment's `score` metric (higher is better); the training state is saved right after
-each evaluation. A resumed run (`--resume auto|FILE`) continues exactly where the saved
-one stopped, and refuses settings that differ from the saved ones.
+mode 'reduce-overhead'); data preparation, the optimizer step and `after_step` stay eager.
+The trainer never asks which model it trains. The evaluator runs after every epoch (or
+every `eval_interval` iterations, and before the first step with `eval_first`); early
+stopping and the best model follow the experiment's `score` metric (higher is better); the
+training state is saved right after each evaluation. A resumed run (`--resume auto|FILE`)
+continues exactly where the saved one stopped, and refuses settings that differ from the
+saved ones.
 
 Output: progress bars on a terminal (or with --progress true); otherwise, and besides the
 bars, one plain line per evaluation with the mean training loss since the last one.
@@ -46,7 +47,7 @@ from ignite.handlers import EarlyStopping, ProgressBar, Timer
 from .atomic import atomic_write_json, remove_stale_temporaries
 from .checkpoint import (CheckpointError, RNGState, load_checkpoint, make_checkpoints, read_checkpoint, resolve_resume,
                          restore)
-from .cli import UserError, add_bool_argument
+from .cli import UserError, add_bool_argument, count
 from .runtime import count_parameters, resolve_device, seed_everything
 
 
@@ -202,13 +203,14 @@ class Run:
 def add_run_arguments(parser, early_stop, early_stop_help, outputs=True):
     """The flags every trainer has, with the same names and meaning (outputs=False leaves
     out --saveto and --resume, for a script that places its runs' folders itself)."""
-    parser.add_argument('--early_stop', default=early_stop, type=int, help=early_stop_help)
+    parser.add_argument('--early_stop', default=early_stop, type=count(1), help=early_stop_help)
     if outputs:
         parser.add_argument('--saveto', default='', help='folder for the best model, training state, config and '
                             'results (nothing is written without it)')
         parser.add_argument('--resume', default='', help="training state file to resume from, or 'auto' for the "
                             'one in --saveto when it exists')
-    parser.add_argument('--seed', default=0, type=int, help='seed of the initialisation and the batches (default 0)')
+    parser.add_argument('--seed', default=0, type=count(0),
+                        help='seed of the initialisation and the batches (default 0)')
     parser.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
     add_bool_argument(parser, '--progress', default=None, help='show progress bars (auto: only on a terminal)')
     add_bool_argument(parser, '--compile', help='compile the training step with torch.compile (on CUDA with CUDA '

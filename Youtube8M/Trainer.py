@@ -41,7 +41,7 @@ import torch
 from Layers.DMTRL_pytorch import METHODS
 from Layers.TAL_pytorch import PAPER_REGULARIZERS, layer_regularizer
 from Training import (ArgumentParser, Dataflow, Experiment, MultiTaskMAPAtK, add_bool_argument, add_run_arguments,
-                      atomic_savetxt, count_parameters, entry_point, load_checkpoint, one_of, run,
+                      atomic_savetxt, count, count_parameters, entry_point, load_checkpoint, one_of, real, run,
                       split_glued_booleans)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
@@ -56,28 +56,28 @@ WEIGHT_DECAY = 0.005
 def build_parser():
     p = ArgumentParser(description='Train, validate and test a multi-task model on Youtube-8M.')
     # training setting (original flags)
-    p.add_argument('--batch_size', default=256, type=int, help='batch size per task (default 256)')
-    p.add_argument('--max_epoch', default=10, type=int, help='max number of epochs (default 10)')
-    p.add_argument('--hidden_feature', default=1024, type=int, help='width of the hidden layers (default 1024)')
-    p.add_argument('--lr', default=1e-4, type=float, help='learning rate (default 1e-4)')
+    p.add_argument('--batch_size', default=256, type=count(1), help='batch size per task (default 256)')
+    p.add_argument('--max_epoch', default=10, type=count(0), help='max number of epochs (default 10)')
+    p.add_argument('--hidden_feature', default=1024, type=count(1), help='width of the hidden layers (default 1024)')
+    p.add_argument('--lr', default=1e-4, type=real(above=0), help='learning rate (default 1e-4)')
     p.add_argument('--model', default='STL', type=one_of(MODELS), choices=MODELS,
                    help='model type, any case (default STL)')
     p.add_argument('--checkname', default='', help='folder with a {model}.pth to start from (with --max_epoch 0: '
                    'just test it)')
     # TAAN
-    p.add_argument('--taan_constant', default=1.0, type=float, help='coefficient of the TAAN regulariser')
+    p.add_argument('--taan_constant', default=1.0, type=real(low=0), help='coefficient of the TAAN regulariser')
     p.add_argument('--regularize', default=None, type=one_of(PAPER_REGULARIZERS), choices=PAPER_REGULARIZERS,
                    help='TAAN regulariser, any case (default none)')
     p.add_argument('--original_variant', action='store_true',
                    help="TAAN: the original code's tracenorm / cosine formulas (tracenorm_original, "
                         "cosine_original) instead of the paper's")
-    p.add_argument('--basis', default=24, type=int, help='number of TAAN basis functions (default 24)')
+    p.add_argument('--basis', default=24, type=count(1), help='number of TAAN basis functions (default 24)')
     # MRN
     add_bool_argument(p, '--regularization_task', help='MRN: update the task covariance')
     add_bool_argument(p, '--regularization_feature', help='MRN: update the output-feature covariance')
     add_bool_argument(p, '--regularization_input', help='MRN: update the input-feature covariance')
-    p.add_argument('--update_interval', default=50, type=int, help='MRN: steps between covariance updates')
-    p.add_argument('--mrn_constant', default=1e-3, type=float, help='coefficient of the MRN regulariser')
+    p.add_argument('--update_interval', default=50, type=count(1), help='MRN: steps between covariance updates')
+    p.add_argument('--mrn_constant', default=1e-3, type=real(low=0), help='coefficient of the MRN regulariser')
     # DMTRL
     p.add_argument('--method', default='Tucker', type=one_of(METHODS), choices=METHODS,
                    help='DMTRL tensor factorisation, any case')
@@ -88,20 +88,14 @@ def build_parser():
     add_run_arguments(p, early_stop=3, early_stop_help='epochs without improvement before stopping (default 3)')
     p.add_argument('--data_path', default=DEFAULT_DATA_PATH, help='folder of the HDF5 files and tasks.json '
                    '(default %(default)s)')
-    p.add_argument('--num_workers', default=0, type=int, help='data loader worker processes (default 0)')
+    p.add_argument('--num_workers', default=0, type=count(0), help='data loader worker processes (default 0)')
     return p
 
 
 def parse_args(argv=None):
     parser = build_parser()
     argv = split_glued_booleans(sys.argv[1:] if argv is None else list(argv), parser._option_string_actions)
-    args = parser.parse_args(argv)
-    for name in ('batch_size', 'hidden_feature', 'basis', 'update_interval', 'early_stop'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
-    if args.max_epoch < 0 or args.num_workers < 0:
-        parser.error('--max_epoch and --num_workers must be >= 0')
-    return args
+    return parser.parse_args(argv)          # every numeric flag is checked by its type
 
 
 def output_paths(saveto, model):

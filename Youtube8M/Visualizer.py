@@ -30,7 +30,8 @@ from matplotlib.figure import Figure
 from sklearn.cluster import SpectralClustering
 
 from Layers.TAL_pytorch import task_cosine_matrix, task_distance_matrix
-from Training import ArgumentParser, UserError, atomic_savefig, atomic_write_text, entry_point, load_checkpoint
+from Training import (ArgumentParser, UserError, atomic_savefig, atomic_write_text, count, entry_point, load_checkpoint,
+                      real)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 from Youtube8M.models import build_model
@@ -163,12 +164,12 @@ def main(argv=None):
     p.add_argument('--data_path', default=None, help='data folder whose task names label the figures (default: '
                    'the names the model was trained with)')
     p.add_argument('--out', default=None, help="output folder (default: the checkpoint's folder)")
-    p.add_argument('--clusters', default=3, type=int, help='number of task groups per layer (default 3)')
-    p.add_argument('--hidden_feature', default=None, type=int, help="the original's flag: hidden width of a "
+    p.add_argument('--clusters', default=3, type=count(1), help='number of task groups per layer (default 3)')
+    p.add_argument('--hidden_feature', default=None, type=count(1), help="the original's flag: hidden width of a "
                    "checkpoint without its config file (default 1024; must agree with the config when there is one)")
-    p.add_argument('--basis', default=None, type=int, help="the original's flag: basis functions of a checkpoint "
+    p.add_argument('--basis', default=None, type=count(1), help="the original's flag: basis functions of a checkpoint "
                    'without its config file (default 64)')
-    p.add_argument('--taan_constant', default=None, type=float, help="the original's flag; it does not change "
+    p.add_argument('--taan_constant', default=None, type=real(low=0), help="the original's flag; it does not change "
                    'the figures and is ignored')
     p.add_argument('--gpu', default=None, help="the original's flag; ignored (the matrices take no time on the CPU)")
     args = p.parse_args(argv)

@@ -52,7 +52,7 @@ from tfrecord import example_pb2
 from tfrecord.writer import TFRecordWriter
 from tqdm import tqdm
 
-from Training import ArgumentParser, UserError, atomic_write_json, default_path, entry_point
+from Training import ArgumentParser, UserError, atomic_write_json, count, default_path, entry_point
 from Training.atomic import process_alive
 from Youtube8M.datafolder import SPLITS, TASK_FILE, task_file
 
@@ -355,7 +355,7 @@ def main(argv=None):
     parser.add_argument("--train", required=True, help="glob of the train TFRecords (quoted)")
     parser.add_argument("--valid", required=True, help="glob of the validate TFRecords (quoted)")
     parser.add_argument("--out", default=DEFAULT_DATA_PATH, help="output folder of the HDF5 files (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the valid/test file split")
+    parser.add_argument("--seed", type=count(0), default=0, help="seed of the valid/test file split")
     args = parser.parse_args(argv)
     info = convert(args.vocabulary, args.train, args.valid, args.out, args.seed)
     for split in SPLITS:

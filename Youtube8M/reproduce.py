@@ -35,8 +35,8 @@ import time
 
 import numpy as np
 
-from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, default_path,
-                      entry_point)
+from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, count,
+                      default_path, entry_point)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 
@@ -163,8 +163,8 @@ def build_parser():
     p.add_argument('--preset', choices=sorted(PRESETS), default=None,
                    help='sizes: paper (the original commands) or builtin (minutes on a CPU); default builtin on '
                         'the built-in synthetic data, paper otherwise')
-    p.add_argument('--seeds', type=int, default=1, help='runs per row, with seeds 0..N-1 (default 1)')
-    p.add_argument('--max_epoch', type=int, default=None, help="at most this many epochs per run (default: the "
+    p.add_argument('--seeds', type=count(1), default=1, help='runs per row, with seeds 0..N-1 (default 1)')
+    p.add_argument('--max_epoch', type=count(0), default=None, help="at most this many epochs per run (default: the "
                    "preset's, 10)")
     p.add_argument('--rows', nargs='+', default=None, metavar='ROW', choices=[label for label, _ in ROWS],
                    help='train only these rows (default all): ' + ', '.join(f'"{label}"' for label, _ in ROWS))
@@ -180,8 +180,6 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.seeds < 1:
-        parser.error(f'--seeds must be >= 1, got {args.seeds}')
     if os.path.abspath(args.data_path) == os.path.abspath(DEFAULT_DATA_PATH):
         from Youtube8M.synthetic import ensure_builtin_data
         ensure_builtin_data(args.data_path)

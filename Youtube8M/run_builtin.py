@@ -22,7 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from Layers.DMTRL_pytorch import METHODS
 from Layers.TAL_pytorch import PAPER_REGULARIZERS
-from Training import ArgumentParser, add_bool_argument, default_path, entry_point
+from Training import ArgumentParser, add_bool_argument, count, default_path, entry_point, real
 from Youtube8M import Trainer, Visualizer
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.models import MODELS
@@ -40,18 +40,18 @@ def build_parser():
                    'there when no data is present (default %(default)s)')
     p.add_argument('--out', default=default_path('results', 'builtin'),
                    help='results folder, one subfolder per model (default %(default)s)')
-    p.add_argument('--max_epoch', default=10, type=int)
-    p.add_argument('--early_stop', default=3, type=int)
-    p.add_argument('--batch_size', default=128, type=int)
-    p.add_argument('--hidden_feature', default=128, type=int)
-    p.add_argument('--lr', default=3e-3, type=float)
-    p.add_argument('--basis', default=8, type=int)
+    p.add_argument('--max_epoch', default=10, type=count(0))
+    p.add_argument('--early_stop', default=3, type=count(1))
+    p.add_argument('--batch_size', default=128, type=count(1))
+    p.add_argument('--hidden_feature', default=128, type=count(1))
+    p.add_argument('--lr', default=3e-3, type=real(above=0))
+    p.add_argument('--basis', default=8, type=count(1))
     p.add_argument('--regularize', default='distance', choices=PAPER_REGULARIZERS)
-    p.add_argument('--taan_constant', default=0.1, type=float)
-    p.add_argument('--mrn_constant', default=1e-3, type=float)
+    p.add_argument('--taan_constant', default=0.1, type=real(low=0))
+    p.add_argument('--mrn_constant', default=1e-3, type=real(low=0))
     p.add_argument('--method', default='Tucker', choices=METHODS)
-    p.add_argument('--clusters', default=4, type=int, help='task groups per layer in the clustering (default 4)')
-    p.add_argument('--seed', default=0, type=int)
+    p.add_argument('--clusters', default=4, type=count(1), help='task groups per layer in the clustering (default 4)')
+    p.add_argument('--seed', default=0, type=count(0))
     p.add_argument('--device', default='auto')
     p.add_argument('--resume', action='store_true', help="continue each model's training from its saved state")
     add_bool_argument(p, '--progress', default=None, help='show progress bars (auto: only on a terminal)')

@@ -45,7 +45,7 @@ import numpy as np
 from tfrecord.writer import TFRecordWriter
 from tqdm import tqdm
 
-from Training import ArgumentParser, atomic_path, entry_point
+from Training import ArgumentParser, atomic_path, count, entry_point, real
 from Youtube8M.data import AUDIO_SIZE, DEFAULT_DATA_PATH, FEATURE_SIZE, RGB_SIZE, TASKS, convert
 from Youtube8M.datafolder import task_file
 
@@ -251,11 +251,12 @@ def ensure_builtin_data(data_dir=DEFAULT_DATA_PATH, seed=0, **config):
 def main(argv=None):
     parser = ArgumentParser(description="Write the built-in synthetic Youtube-8M-like data.")
     parser.add_argument("--out", default=DEFAULT_DATA_PATH, help="output folder (default %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=count(0), default=0)
     for key in ("num_train", "num_valid", "train_files", "valid_files", "latent_dim"):
-        parser.add_argument("--" + key, type=int, default=DEFAULTS[key])
-    for key in ("link_strength", "feature_noise", "second_task_prob"):
-        parser.add_argument("--" + key, type=float, default=DEFAULTS[key])
+        parser.add_argument("--" + key, type=count(1), default=DEFAULTS[key])
+    for key in ("link_strength", "feature_noise"):
+        parser.add_argument("--" + key, type=real(low=0), default=DEFAULTS[key])
+    parser.add_argument("--second_task_prob", type=real(low=0, high=1), default=DEFAULTS["second_task_prob"])
     parser.add_argument("--keep_raw", action="store_true", help="keep the TFRecords in OUT/raw")
     args = vars(parser.parse_args(argv))
     args.pop("debug")                     # the shared flag of every command line, not a data setting

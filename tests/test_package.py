@@ -120,7 +120,7 @@ ENTRY_POINTS = [
     ('Youtube8M.Visualizer', lambda p: ['--checkpoint', missing(p)], 'checkpoint .*missing does not exist'),
     ('Youtube8M.data', lambda p: ['--vocabulary', missing(p), '--train', 'x', '--valid', 'y', '--out', str(p)],
      'vocabulary file .*missing.* not found'),
-    ('Youtube8M.synthetic', lambda p: ['--out', str(p), '--num_train', 'many'], "--num_train: invalid int value"),
+    ('Youtube8M.synthetic', lambda p: ['--out', str(p), '--num_train', 'many'], "--num_train: expected an integer, got 'many'"),
     ('Youtube8M.run_builtin', lambda p: ['--models', 'ResNet'], "--models: invalid choice: 'ResNet'"),
     ('Youtube8M.reproduce', lambda p: ['--data_path', missing(p)], 'data folder .*missing does not exist'),
     ('Omniglot.train', lambda p: ['--data_root', missing(p)], 'data folder .*missing does not exist'),
@@ -149,6 +149,41 @@ def test_entry_point_user_error_is_one_line(module, argv, message, tmp_path, mon
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and err.startswith('error: ') and 'Traceback' not in err, err
     assert __import__('re').search(message, err), err
+
+
+# Numeric flags: NaN, infinities and values out of range are refused at parse time, naming the flag.
+NUMERIC_PROBES = [
+    ('Youtube8M.Trainer', ['--taan_constant', 'nan'], '--taan_constant: must be a finite number'),
+    ('Youtube8M.Trainer', ['--taan_constant', 'inf'], '--taan_constant: must be a finite number'),
+    ('Youtube8M.Trainer', ['--lr', '-1'], '--lr: must be > 0, got -1'),
+    ('Youtube8M.Trainer', ['--lr', 'nan'], '--lr: must be a finite number'),
+    ('Youtube8M.Trainer', ['--mrn_constant', '-0.5'], '--mrn_constant: must be >= 0, got -0.5'),
+    ('Youtube8M.Trainer', ['--batch_size', '0'], '--batch_size: must be >= 1, got 0'),
+    ('Youtube8M.reproduce', ['--seeds', '0'], '--seeds: must be >= 1, got 0'),
+    ('Youtube8M.run_builtin', ['--lr', 'inf'], '--lr: must be a finite number'),
+    ('Youtube8M.synthetic', ['--second_task_prob', '1.5'], '--second_task_prob: must be <= 1, got 1.5'),
+    ('Omniglot.train', ['--lam', 'nan'], '--lam: must be a finite number'),
+    ('Omniglot.train', ['--c0', 'nan'], '--c0: must be a finite number'),
+    ('Omniglot.train', ['--seed', '-3'], '--seed: must be >= 0, got -3'),
+    ('Omniglot.Evaluation_TAAN', ['--regularize', 'cosine', '--lambdas', '0.1', 'nan'],
+     '--lambdas: must be a finite number'),
+    ('Omniglot.Evaluation_TAAN', ['--regularize', 'cosine', '--save_every', '-5'], '--save_every: must be >= 0, got -5'),
+    ('Omniglot.run_builtin', ['--lambdas', 'nan'], '--lambdas: must be a finite number'),
+    ('Omniglot.reproduce', ['--lr', '0'], '--lr: must be > 0, got 0'),
+    ('Omniglot.dataTools', ['--train_fraction', '1'], '--train_fraction: must be < 1, got 1'),
+]
+
+
+@pytest.mark.parametrize('module,argv,message', NUMERIC_PROBES,
+                         ids=[f'{m} {" ".join(a)}' for m, a, _ in NUMERIC_PROBES])
+def test_a_bad_number_is_one_line_naming_the_flag(module, argv, message, monkeypatch, capsys):
+    cli = importlib.import_module(module).cli
+    monkeypatch.setattr(sys, 'argv', [module, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: ') and message in err, err
 
 
 def test_debug_shows_the_traceback_and_programming_errors_keep_theirs(tmp_path, monkeypatch):
