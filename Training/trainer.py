@@ -35,6 +35,7 @@ saved ones.
 Output: progress bars on a terminal (or with --progress true); otherwise, and besides the
 bars, one plain line per evaluation with the mean training loss since the last one.
 """
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -226,6 +227,15 @@ def metric_device(device):
     return device if idist.get_world_size() > 1 else torch.device('cpu')
 
 
+def quiet_engine(step):
+    """An Ignite Engine that does not log the exception ending its run ("Current run is
+    terminating due to exception: ..."): the exception reaches the command, which reports it
+    once (one line for a user error, the traceback otherwise)."""
+    engine = Engine(step)
+    engine.logger.setLevel(logging.CRITICAL)
+    return engine
+
+
 def compile_step(fn, device):
     """fn compiled whole (fullgraph: a graph break is an error, not a slow step); on CUDA with
     CUDA graphs (mode 'reduce-overhead': a step's kernels replayed without the host issuing
@@ -254,7 +264,7 @@ def create_trainer(model, optimizer, loss_fn, regularization=None, after_step=No
         if after_step is not None:
             after_step(engine.state.iteration)
         return loss.item()
-    return Engine(step)
+    return quiet_engine(step)
 
 
 def create_evaluator(model, experiment, device, progress=False, desc='Evaluate'):
@@ -263,7 +273,7 @@ def create_evaluator(model, experiment, device, progress=False, desc='Evaluate')
     def step(engine, batch):
         model.eval()
         return experiment.eval_step(model, batch)
-    evaluator = Engine(step)
+    evaluator = quiet_engine(step)
     for name, metric in experiment.metrics(device).items():
         metric.attach(evaluator, name)
     if progress and idist.get_rank() == 0:

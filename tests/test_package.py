@@ -237,3 +237,17 @@ def test_resume_refuses_other_settings_and_clears_dead_writers_temporaries(home,
     assert not dead.exists() and alive.exists()
     saved = torch.load(tmp_path / 'Hard3-training_state.pt')['trainer']
     assert saved['iteration'] == 2 * saved['epoch_length']
+
+
+def test_an_error_inside_a_run_is_reported_once(tmp_path):
+    """A user error raised inside Ignite's engine reaches stderr as the one error line, without
+    Ignite's own "Current run is terminating due to exception" lines before it (a fresh
+    process, as a user runs it: under pytest, logging goes elsewhere)."""
+    from Omniglot import synthetic
+    root = str(tmp_path / 'data')
+    synthetic.generate(root, alphabets=3, drawers=4, min_chars=2, max_chars=3)
+    done = subprocess.run([sys.executable, '-m', 'Omniglot.train', '--data_root', root, '--batch', '100000',
+                           '--num_iter', '2', '--device', 'cpu', '--progress', 'false'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count('\n') == 1 and done.stderr.startswith('error: batch_size must be in 1..'), done.stderr
