@@ -143,8 +143,35 @@ def restore(path, state, objects):
     try:
         Checkpoint.load_objects(objects, state)
     except Exception as e:
-        raise CheckpointError(f'checkpoint {os.fspath(path)} does not fit this run ({type(e).__name__}: {e}). '
+        raise CheckpointError(f'checkpoint {os.fspath(path)} does not fit this run ({mismatch(objects, state, e)}). '
                               'Delete it, or pass the checkpoint of a run with the same settings.') from None
+
+
+def mismatch(objects, state, error):
+    """What differs between a checkpoint and the modules it was loaded into, in a few words
+    (for a module: counts of missing, unexpected and reshaped entries, with one example
+    each); else the first line of the error."""
+    parts = []
+    for name, obj in objects.items():
+        saved = state[name] if isinstance(state, dict) and isinstance(state.get(name), dict) else state
+        if not isinstance(obj, torch.nn.Module) or not isinstance(saved, dict):
+            continue
+        here = obj.state_dict()
+        missing = [k for k in here if k not in saved]
+        unexpected = [k for k in saved if k not in here]
+        reshaped = [k for k in here if k in saved and torch.is_tensor(saved[k]) and saved[k].shape != here[k].shape]
+        if missing:
+            parts.append(f'{len(missing)} entries missing, e.g. {missing[0]}')
+        if unexpected:
+            parts.append(f'{len(unexpected)} not in this model, e.g. {unexpected[0]}')
+        if reshaped:
+            k = reshaped[0]
+            parts.append(f'{len(reshaped)} of another shape, e.g. {k}: {list(saved[k].shape)} saved, '
+                         f'{list(here[k].shape)} here')
+    if parts:
+        return '; '.join(parts)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{type(error).__name__}: {first[:200]}'
 
 
 def load_checkpoint(path, objects):

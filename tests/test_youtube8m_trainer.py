@@ -359,3 +359,17 @@ def test_own_data_with_any_tasks_and_width_trains_every_model(tmp_path):
         assert (config['in_features'], config['num_classes']) == (300, [3, 5, 2, 4, 6])
     groups = Visualizer.main(['--checkpoint', str(tmp_path / 'TAAN' / 'TAAN.pth'), '--clusters', '2'])['groups']
     assert all(sorted(sum(g, [])) == [f'task {t}' for t in range(5)] for g in groups)
+
+
+def test_a_checkpoint_of_another_width_is_one_short_line(taan_run, data, capsys, monkeypatch):
+    """--checkname with a model of another width or basis: what differs in a few words (the
+    whole state_dict key list used to be printed)."""
+    out, _ = taan_run
+    monkeypatch.setattr(sys, 'argv', ['Trainer', '--model', 'TAAN', '--max_epoch', '0', '--checkname', out,
+                                      '--data_path', data] + TINY + ['--basis', '6'])     # the run had basis 4
+    with pytest.raises(SystemExit) as exit_:
+        Trainer.cli()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'does not fit this run (' in err, err
+    assert '(6 of another shape, e.g. layers.0.alpha: [16, 4] saved, [16, 6] here)' in err and len(err) < 400, err
