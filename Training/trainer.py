@@ -35,6 +35,7 @@ saved ones.
 Output: progress bars on a terminal (or with --progress true); otherwise, and besides the
 bars, one plain line per evaluation with the mean training loss since the last one.
 """
+import gc
 import logging
 import os
 import sys
@@ -453,4 +454,7 @@ def run(experiment, args, device=None, setup_hook=None, log=print):
         raise UserError(f'{type(experiment).__name__} runs in one process: start it without torchrun')
     with idist.Parallel(backend=backend) as parallel:
         parallel.run(training, experiment, args, device, result, setup_hook, log)
+        # Free the run's engines and model (reference cycles) while Python is alive, so that closing
+        # the process group joins its threads now: left to exit, one of them may abort the process.
+        gc.collect()
     return result
