@@ -53,7 +53,7 @@ from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_onc
                             train_runs)
 from Omniglot.train import DTYPES, STATE_NAME, load_data
 from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, count, default_path,
-                      entry_point, real, resolve_device)
+                      entry_point, hold_folder, real, resolve_device)
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME = "records.json", "table", "lambda"
 PAPER_ALPHABETS = 50
@@ -309,7 +309,9 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
 
 
 def main(argv=None):
-    return reproduce(parse_args(argv))
+    args = parse_args(argv)
+    with hold_folder(args.results_dir, "--results_dir"):
+        return reproduce(args)
 
 
 cli = entry_point(main)

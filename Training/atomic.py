@@ -6,14 +6,19 @@ folder that then replaces the data folder as a whole (`Youtube8M.data.convert`).
 The temporary file of `path` is `.{name}.{pid}.tmp` beside it. A process killed while
 writing leaves it behind; `remove_stale_temporaries(folder)` (called by the trainers when
 they start) removes those whose process is gone.
+
+`hold_folder(folder)` makes a run the one owner of its output folder while it trains.
 """
 import contextlib
+import fcntl
 import json
 import os
 import re
 
 import numpy as np
 import torch
+
+from .cli import UserError
 
 _TEMPORARY = re.compile(r'^\.(.+)\.(\d+)\.tmp$')
 
@@ -99,3 +104,37 @@ def remove_stale_temporaries(folder):
             os.remove(path)
             removed.append(name)
     return removed
+
+
+LOCK_NAME = '.lock'
+
+
+class FolderInUse(UserError):
+    """Another live process holds the folder (see `hold_folder`)."""
+
+
+@contextlib.contextmanager
+def hold_folder(folder, flag):
+    """Hold an exclusive lock on `folder` (created if needed) while the block runs: an
+    operating-system lock (flock) on `folder/.lock`, which holds the owner's process id.
+    FolderInUse, naming the command-line `flag` that gave the folder, if another process
+    holds it. The system drops the lock when its process ends, so a killed run never blocks
+    the next one. `folder` empty or None: no lock."""
+    if not folder:
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+            raise FolderInUse(f'{flag} {folder} is in use by another run (process {owner}): wait for it to end, '
+                              'or write to another folder') from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+        yield
+    finally:
+        os.close(fd)                       # releases the lock

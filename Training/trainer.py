@@ -46,7 +46,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping, ProgressBar, Timer
 
-from .atomic import atomic_write_json, remove_stale_temporaries
+from .atomic import atomic_write_json, hold_folder, remove_stale_temporaries
 from .checkpoint import (CheckpointError, RNGState, load_checkpoint, make_checkpoints, read_checkpoint, resolve_resume,
                          restore)
 from .cli import UserError, add_bool_argument, count
@@ -314,7 +314,13 @@ def check_settings(path, state, config, may_change):
 def training(local_rank, experiment, args, device, result, setup_hook=None, log=print):
     """Train, evaluate and finish one run in this process (of a possibly distributed run);
     the experiment's result is put into the dict `result`. `setup_hook(trainer)` may add
-    handlers before the run starts (tests)."""
+    handlers before the run starts (tests). The run's --saveto folder is held by it alone
+    while it runs (a second run into it is refused, see `hold_folder`)."""
+    with hold_folder(getattr(args, 'saveto', None) if idist.get_rank() == 0 else None, '--saveto'):
+        _training(experiment, args, device, result, setup_hook, log)
+
+
+def _training(experiment, args, device, result, setup_hook, log):
     distributed = idist.get_world_size() > 1
     device = idist.device() if distributed else device
     main_process = idist.get_rank() == 0

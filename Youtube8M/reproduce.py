@@ -36,7 +36,7 @@ import time
 import numpy as np
 
 from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, count,
-                      default_path, entry_point)
+                      default_path, entry_point, hold_folder)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 
@@ -189,6 +189,12 @@ def main(argv=None):
     print(f'Youtube-8M table: {len(folder.tasks)} tasks{" (SYNTHETIC)" if folder.synthetic else ""} in '
           f'{args.data_path}, preset {args.preset}, {args.seeds} seed(s), TAAN with {formulas} formulas; '
           f'results in {args.out}', flush=True)
+    with hold_folder(args.out, '--out'):
+        return reproduce(args, folder, formulas)
+
+
+def reproduce(args, folder, formulas):
+    """Train (or read the records of) every row and write the table; see `main`."""
     start, rows = time.time(), []
     for label, flags in ROWS:
         if args.rows and label not in args.rows:

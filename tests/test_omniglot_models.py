@@ -299,7 +299,7 @@ def naive_accuracy(model, test_data):
 
 def test_train_end_to_end(taan_run, data):
     out, result = taan_run
-    assert sorted(os.listdir(out)) == ["config.json", "model_params.pt", "result.json", "training_state.pt"]
+    assert sorted(os.listdir(out)) == [".lock", "config.json", "model_params.pt", "result.json", "training_state.pt"]
     saved = json.load(open(os.path.join(out, "result.json")))
     accs = [a for _, a in saved["history"]]
     assert [i for i, _ in saved["history"]] == [0, 2, 4, 6]

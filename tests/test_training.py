@@ -266,3 +266,17 @@ def test_average_precision_rows_equals_sklearn_with_ties(k):
     from Training.metrics import average_precision_rows
     expected = [average_precision_score(y, s) for y, s in zip(labels, scores)] if k > 1 else [1.0] * 300
     np.testing.assert_allclose(average_precision_rows(labels, scores), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize('command, flag', [('Omniglot.reproduce', '--results_dir'), ('Youtube8M.reproduce', '--out')])
+def test_a_reproduction_folder_has_one_live_run(command, flag, youtube8m_data, tmp_path):
+    """Both sweep commands own their output folder while they run, as a training run owns --saveto
+    (tests/test_youtube8m_trainer.py): a second one into it stops in one line before any work."""
+    import importlib
+    from Training import hold_folder
+    folder = str(tmp_path / 'out')
+    argv = [flag, folder] + (['--data_path', youtube8m_data] if command.startswith('Youtube8M') else [])
+    with hold_folder(folder, 'the test'):
+        with pytest.raises(UserError, match=rf'^{flag} {folder} is in use by another run \(process {os.getpid()}\)'):
+            importlib.import_module(command).main(argv)
+    assert os.listdir(folder) == ['.lock']         # refused before writing anything

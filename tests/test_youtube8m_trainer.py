@@ -1,5 +1,6 @@
 """Youtube8M/Trainer.py and Visualizer.py on tiny synthetic data (CPU)."""
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -63,7 +64,7 @@ def read_results(folder, name):
 
 def test_trainer_end_to_end(taan_run, data):
     out, result = taan_run
-    assert sorted(os.listdir(out)) == ['TAAN-average_mAP%K.txt', 'TAAN-config.json', 'TAAN-task_mAP%K.txt',
+    assert sorted(os.listdir(out)) == ['.lock', 'TAAN-average_mAP%K.txt', 'TAAN-config.json', 'TAAN-task_mAP%K.txt',
                                        'TAAN-training_state.pt', 'TAAN.pth']
     task, mean = read_results(out, 'TAAN')
     assert task.shape == (16,) and np.all((task > 0) & (task <= 1))
@@ -373,3 +374,23 @@ def test_a_checkpoint_of_another_width_is_one_short_line(taan_run, data, capsys,
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'does not fit this run (' in err, err
     assert '(6 of another shape, e.g. layers.0.alpha: [16, 4] saved, [16, 6] here)' in err and len(err) < 400, err
+
+
+def test_a_run_folder_has_one_live_run(data, tmp_path):
+    """A second run into a folder a live run holds is refused in one line naming that process;
+    the lock of a killed run does not block (the system dropped it)."""
+    folder = str(tmp_path / 'run')
+    args = ['--model', 'Hard3', '--max_epoch', '1', '--saveto', folder, '--data_path', data] + TINY
+    hold = (f'import time\nfrom Training.atomic import hold_folder\nwith hold_folder({folder!r}, "--saveto"):\n'
+            '    print("held", flush=True)\n    time.sleep(60)')
+    holder = subprocess.Popen([sys.executable, '-c', hold],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        message = rf'--saveto {re.escape(folder)} is in use by another run \(process {holder.pid}\)'
+        with pytest.raises(UserError, match=message):
+            Trainer.main(args)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Trainer.main(args)['epochs'] == 1
