@@ -21,7 +21,9 @@ into two halves of files: the first half is `valid`, the second `test`.
 Output in --out DIR (the layout of `Youtube8M.datafolder`):
   {split}_task_{t}.hdf5   datasets  features  float32 [N, 1152]  (mean_rgb then mean_audio)
                                     labels    uint8   [N, C_t]   (0/1)
-                          attributes num_classes = C_t, conversion = this conversion's id
+                                    checksums uint32  [N / 512]  (CRC-32C of each 512 rows)
+                          attributes num_classes = C_t, conversion = this conversion's id,
+                                     checksum_rows = 512
   tasks.json              task names, class names per task, video counts per split and task,
                           and the manifest (conversion id, every file's rows and bytes)
 
@@ -54,7 +56,7 @@ from tqdm import tqdm
 
 from Training import ArgumentParser, UserError, atomic_write_json, count, default_path, entry_point
 from Training.atomic import process_alive
-from Youtube8M.datafolder import SPLITS, TASK_FILE, task_file
+from Youtube8M.datafolder import CHECKSUM_ROWS, SPLITS, TASK_FILE, block_checksums, task_file
 
 TASKS = [
     "Arts & Entertainment", "Games", "Autos & Vehicles", "Sports",
@@ -198,6 +200,10 @@ def read_records(path):
         if "labels" not in feature:
             raise UserError("%s has no feature 'labels'; video-level Youtube-8M records are "
                             "needed (id, labels, mean_rgb, mean_audio)" % where)
+        kind = feature["labels"].WhichOneof("kind")
+        if kind not in ("int64_list", None):
+            raise UserError("%s: feature 'labels' is a %s, expected an int64_list of vocabulary indices; "
+                            "video-level Youtube-8M records are needed" % (where, kind))
         x = np.empty(FEATURE_SIZE, dtype=np.float32)
         x[:RGB_SIZE] = _float_feature(feature, "mean_rgb", RGB_SIZE, where)
         x[RGB_SIZE:] = _float_feature(feature, "mean_audio", AUDIO_SIZE, where)
@@ -211,9 +217,11 @@ def read_records(path):
 
 class TaskWriter:
     """Appends (features, labels) rows of one task to a resizable HDF5 file, in buffered
-    chunks; a context manager that writes the last rows and closes the file on success."""
+    chunks, with their block checksums (`Youtube8M.datafolder.Checksums`); a context
+    manager that writes the last rows and closes the file on success."""
 
-    def __init__(self, path, num_classes, conversion, buffer_rows=4096):
+    def __init__(self, path, num_classes, conversion, buffer_rows=8 * CHECKSUM_ROWS):
+        assert buffer_rows % CHECKSUM_ROWS == 0, "a flush must end on a checksum block"
         self.file = h5py.File(path, "w")
         self.file.attrs["conversion"] = conversion
         self.features = self.file.create_dataset(
@@ -222,7 +230,10 @@ class TaskWriter:
         self.labels = self.file.create_dataset(
             "labels", (0, num_classes), maxshape=(None, num_classes), dtype=np.uint8,
             chunks=(1024, num_classes))
+        self.checksums = self.file.create_dataset("checksums", (0,), maxshape=(None,), dtype=np.uint32,
+                                                  chunks=(1024,))
         self.file.attrs["num_classes"] = num_classes
+        self.file.attrs["checksum_rows"] = CHECKSUM_ROWS
         self.x = np.empty((buffer_rows, FEATURE_SIZE), dtype=np.float32)
         self.y = np.zeros((buffer_rows, num_classes), dtype=np.uint8)
         self.filled = 0
@@ -243,6 +254,10 @@ class TaskWriter:
             self.labels.resize(end, axis=0)
             self.features[self.count:end] = self.x[:self.filled]
             self.labels[self.count:end] = self.y[:self.filled]
+            sums = block_checksums(self.x[:self.filled], self.y[:self.filled])
+            first = self.count // CHECKSUM_ROWS
+            self.checksums.resize(first + len(sums), axis=0)
+            self.checksums[first:] = sums
             self.count, self.filled = end, 0
 
     def __enter__(self):
@@ -334,11 +349,19 @@ def convert(vocabulary, train, valid, out_dir, seed=0, extra_info=None):
         os.makedirs(staging)
         for split, files in zip(SPLITS, (train_files, valid_files, test_files)):
             counts, videos = convert_split(files, split, vocab, staging, conversion)
+            empty = [TASKS[t] for t in range(len(TASKS)) if counts[t] == 0]
+            if empty:
+                raise UserError("the %s split (%s) has no video of %s %s: every task needs videos in every "
+                                "split; give more files (nothing was converted)"
+                                % (split, ", ".join(os.path.basename(f) for f in files[:3])
+                                   + (", ..." if len(files) > 3 else ""),
+                                   "task" if len(empty) == 1 else "tasks", ", ".join(map(repr, empty[:3]))
+                                   + (" and %d more" % (len(empty) - 3) if len(empty) > 3 else "")))
             info["counts"][split] = counts
             info["videos"][split] = videos
             info["files"][split] = [os.path.basename(f) for f in files]
         info.update(extra_info or {})
-        info["manifest"] = {"conversion": conversion, "files": {
+        info["manifest"] = {"conversion": conversion, "checksum_rows": CHECKSUM_ROWS, "files": {
             os.path.basename(task_file(staging, split, t)): {
                 "rows": info["counts"][split][t], "bytes": os.path.getsize(task_file(staging, split, t))}
             for split in SPLITS for t in range(len(TASKS))}}

@@ -16,12 +16,21 @@ tasks.json last, into a staging folder that replaces the old folder as a whole. 
 with a manifest is verified against it before use, so a folder mixing files of two
 conversions, or a file replaced or resized since, is refused. A folder without one (your own files) is
 checked once per file when it is loaded: finite features, labels 0 or 1.
+
+Every file the converter writes also holds its own checksums: the dataset `checksums`
+(uint32, one per block of `checksum_rows` = 512 rows: the CRC-32C of the block's features
+bytes followed by its labels bytes). The loader checks each block as it reads it, so a
+byte damaged on disk or in a copy is refused in one line that names the file and its rows.
+(HDF5's own Fletcher-32 filter would do the same at about half the loader's speed; CRC-32C
+is computed by the CPU's instruction at about 25 GB/s.) Files without `checksums` -- your
+own, or a conversion made before files carried them -- are read unchecked.
 """
 import json
 import os
 import re
 from dataclasses import dataclass
 
+import crc32c
 import h5py
 import numpy as np
 
@@ -32,6 +41,7 @@ LAYOUT = ("a data folder holds {split}_task_{t}.hdf5 for the splits train, valid
           "t = 0..T-1, each with the datasets features (float32 [N, D]) and labels (0/1 [N, C_t]) and the "
           "attribute num_classes = C_t; tasks.json with the task names is optional")
 CHECK_ROWS = 65536          # rows per read when a file's values are checked
+CHECKSUM_ROWS = 512         # rows per checksum of a converted task file; divides CHECK_ROWS
 
 
 TASK_FILE = re.compile(r"^(train|valid|test)_task_(\d+)\.hdf5$")     # the name task_file gives
@@ -101,11 +111,49 @@ def check_values(path, features, labels, start=0):
 
 
 def check_file_values(path):
-    """check_values over a whole file, read CHECK_ROWS rows at a time."""
+    """check_values (and the checksums, see `Checksums`) over a whole file, read CHECK_ROWS rows at a time."""
     with _open(path) as f:
+        checksums = Checksums(path, f)
         n = f["features"].shape[0]
         for a in range(0, n, CHECK_ROWS):
-            check_values(path, f["features"][a:a + CHECK_ROWS], f["labels"][a:a + CHECK_ROWS], a)
+            features, labels = f["features"][a:a + CHECK_ROWS], f["labels"][a:a + CHECK_ROWS]
+            checksums.check(a, features, labels)
+            check_values(path, features, labels, a)
+
+
+def block_checksums(features, labels, rows=CHECKSUM_ROWS):
+    """uint32 [ceil(N / rows)]: the CRC-32C of each block of `rows` rows, over the bytes of
+    its features and then of its labels (as stored: C order, the file's dtypes)."""
+    return np.array([crc32c.crc32c(np.ascontiguousarray(labels[a:a + rows]),
+                                   crc32c.crc32c(np.ascontiguousarray(features[a:a + rows])))
+                     for a in range(0, len(features), rows)], dtype=np.uint32)
+
+
+class Checksums:
+    """The block checksums of one open task file (none: nothing to check), checked against
+    rows as they are read."""
+
+    def __init__(self, path, f):
+        self.path = path
+        self.rows = int(f.attrs.get("checksum_rows", CHECKSUM_ROWS))
+        self.values = f["checksums"][:] if "checksums" in f else None
+
+    def check(self, start, features, labels):
+        """UserError unless the rows start..start + len(features) - 1 of the file, read into
+        `features` and `labels`, match their checksums; `start` is a multiple of self.rows
+        and the rows end at a multiple of it or at the end of the file."""
+        if self.values is None:
+            return
+        first = start // self.rows
+        bad = np.flatnonzero(block_checksums(features, labels, self.rows)
+                             != self.values[first:first + -(-len(features) // self.rows)])
+        if len(bad):
+            a = start + int(bad[0]) * self.rows
+            b = min(a + self.rows, start + len(features))
+            raise UserError("%s is damaged: rows %d-%d do not match their checksum (a disk or copy error). Convert "
+                            "the data again into %s (`python -m Youtube8M.synthetic --out %s` for the built-in "
+                            "data)" % (self.path, a, b - 1, os.path.dirname(self.path) or ".",
+                                       os.path.dirname(self.path) or "."))
 
 
 def verify_manifest(path, info):
@@ -129,6 +177,9 @@ def verify_manifest(path, info):
                 elif f["features"].shape[0] != entry["rows"]:
                     problem = "%s has %d rows, the conversion wrote %d" % (name, f["features"].shape[0],
                                                                            entry["rows"])
+                elif "checksum_rows" in manifest and ("checksums" not in f or f["checksums"].shape[0]
+                                                      != -(-entry["rows"] // manifest["checksum_rows"])):
+                    problem = "the checksums of %s are missing or cut short" % name
         if problem:
             raise UserError("data folder %s is mixed or stale: %s (tasks.json describes conversion %s). Convert "
                             "the data again into this folder: a conversion replaces the whole folder"

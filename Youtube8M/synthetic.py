@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from Training import ArgumentParser, atomic_path, count, entry_point, real
 from Youtube8M.data import AUDIO_SIZE, DEFAULT_DATA_PATH, FEATURE_SIZE, RGB_SIZE, TASKS, convert
-from Youtube8M.datafolder import task_file
+from Youtube8M.datafolder import read_tasks_json, task_file
 
 GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
 OFF_TASK_VERTICAL = "Reference"
@@ -239,13 +239,19 @@ def data_present(data_dir):
 def ensure_builtin_data(data_dir=DEFAULT_DATA_PATH, seed=0, **config):
     """Create the built-in synthetic data in data_dir unless data is already there.
 
-    Existing data (synthetic or real) is left untouched (the loader checks it). Returns
+    Existing data (synthetic or real) is left untouched (the loader checks it), except
+    built-in data written before task files carried checksums, which is made again. Returns
     data_dir. In distributed runs call it on one process and wait (barrier) before the
     others read.
     """
-    if not data_present(data_dir):
+    if not data_present(data_dir) or _unchecked_builtin(data_dir):
         make_synthetic_data(data_dir, seed, **config)
     return data_dir
+
+
+def _unchecked_builtin(data_dir):
+    info = read_tasks_json(data_dir) or {}
+    return bool(info.get("synthetic")) and "checksum_rows" not in info.get("manifest", {})
 
 
 def main(argv=None):

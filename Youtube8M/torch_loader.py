@@ -39,7 +39,8 @@ import torch
 
 from Training import UserError
 from Youtube8M.data import DEFAULT_DATA_PATH
-from Youtube8M.datafolder import SPLITS, check_file_values, check_values, file_shape, read_data_folder, task_file
+from Youtube8M.datafolder import (SPLITS, Checksums, check_file_values, check_values, file_shape, read_data_folder,
+                                  task_file)
 
 
 class _Failure:
@@ -91,7 +92,8 @@ class TaskLoader:
 
     len(loader) is the number of batches per epoch, the same on every rank. The file's
     values (finite features, 0/1 labels) are checked once, here, unless `checked` says the
-    converter has checked them.
+    converter has checked them. A file with checksums (the converter's) has every block
+    checked against them as it is read (`block_rows` is rounded up to whole checksum blocks).
     """
 
     def __init__(self, path, batch_size, shuffle=True, seed=0, rank=0, world_size=1,
@@ -112,7 +114,7 @@ class TaskLoader:
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.epoch = num_workers, 0
-        self.block_rows, self.chunk_blocks = block_rows, chunk_blocks
+        self.chunk_blocks = chunk_blocks
         global_batch = batch_size * world_size
         if drop_last:
             self.num_batches = self.num_samples // global_batch
@@ -122,11 +124,17 @@ class TaskLoader:
             raise UserError("%s has %d videos, fewer than one batch of batch_size x world_size = "
                             "%d with drop_last=True; use a smaller batch size"
                             % (path, self.num_samples, global_batch))
+        with h5py.File(path, "r") as f:
+            self.checksums = Checksums(path, f)
+        if self.checksums.values is not None:
+            block_rows = -(-block_rows // self.checksums.rows) * self.checksums.rows
+        self.block_rows = block_rows
         nbytes = self.num_samples * (self.num_features * 4 + self.num_classes)
         self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
         if self.in_memory:
             with h5py.File(path, "r") as f:
                 self.features, self.labels = f["features"][:], f["labels"][:]
+            self.checksums.check(0, self.features, self.labels)
             if not checked:
                 check_values(path, self.features, self.labels)
         elif not checked:
@@ -182,6 +190,7 @@ class TaskLoader:
         for a, b in ranges:
             features.read_direct(x, np.s_[a:b], np.s_[at:at + b - a])
             labels.read_direct(y, np.s_[a:b], np.s_[at:at + b - a])
+            self.checksums.check(a, x[at:at + b - a], y[at:at + b - a])
             at += b - a
         return x[:at], y[:at]
 

@@ -6,7 +6,9 @@ converter's layout) and measures shuffled samples per second of
       it is slow),
   (b) our TaskLoader with the arrays in memory (load time counted separately and included),
   (c) our TaskLoader streaming shuffled blocks from the file (for files larger than memory).
-Each rate is the best of two passes (one epoch each).
+Each rate is the best of two passes (one epoch each). The file carries the converter's block
+checksums, which (b) to (e) check as they read; (c) and (d) are also measured without that
+check, side by side (alternating), for its cost.
 
 Then, at scale: a task file of --stream_rows videos (default 1,000,000: 4.3 GiB, far above
 the loader's max_memory_mb of 1 GiB) is written to a temporary folder (removed afterwards)
@@ -30,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from Youtube8M.data import FEATURE_SIZE
+from Youtube8M.datafolder import CHECKSUM_ROWS, block_checksums
 from Youtube8M.torch_loader import TaskLoader
 
 
@@ -48,7 +51,8 @@ class PerSampleDataset(Dataset):
 
 
 def write_task_file(path, rows, num_classes=10, seed=0):
-    """The converter's layout; random blocks of 8192 rows (one block reused for big files)."""
+    """The converter's layout, checksums included; random blocks of 8192 rows (one block
+    reused for big files)."""
     rng = np.random.default_rng(seed)
     block = rng.standard_normal((8192, FEATURE_SIZE), dtype=np.float32)
     with h5py.File(path, "w") as f:
@@ -56,29 +60,40 @@ def write_task_file(path, rows, num_classes=10, seed=0):
                              chunks=(128, FEATURE_SIZE))
         y = f.create_dataset("labels", (rows, num_classes), dtype=np.uint8,
                              chunks=(1024, num_classes))
+        sums = f.create_dataset("checksums", (-(-rows // CHECKSUM_ROWS),), dtype=np.uint32)
         f.attrs["num_classes"] = num_classes
+        f.attrs["checksum_rows"] = CHECKSUM_ROWS
         for a in range(0, rows, 8192):
             b = min(a + 8192, rows)
-            x[a:b] = block[:b - a] if rows > 100000 else rng.standard_normal((b - a, FEATURE_SIZE), dtype=np.float32)
-            y[a:b] = rng.random((b - a, num_classes)) < 0.2
+            xb = block[:b - a] if rows > 100000 else rng.standard_normal((b - a, FEATURE_SIZE), dtype=np.float32)
+            yb = (rng.random((b - a, num_classes)) < 0.2).astype(np.uint8)
+            x[a:b], y[a:b] = xb, yb
+            sums[a // CHECKSUM_ROWS:-(-b // CHECKSUM_ROWS)] = block_checksums(xb, yb)
 
 
-def one_epoch_in_child(path, batch_size, in_memory, queue):
-    """Child process: open the file with TaskLoader, read one shuffled epoch; report the
-    open time, samples/s and the process's peak resident set."""
+def unchecked(loader):
+    """The loader with its checksum check turned off (for measuring what the check costs)."""
+    loader.checksums.values = None
+    return loader
+
+
+def one_epoch_in_child(path, batch_size, in_memory, check, queue):
+    """Child process: open the file with TaskLoader, read one shuffled epoch (checking the
+    checksums or not); report the open time, samples/s and the process's peak resident set."""
     torch.set_num_threads(1)
     start = time.perf_counter()
     loader = TaskLoader(path, batch_size, shuffle=True, in_memory=in_memory)
     opened = time.perf_counter() - start
+    loader = loader if check else unchecked(loader)
     loader.set_epoch(1)
     n, rate = samples_per_second(loader, passes=1)
     queue.put((opened, n, rate, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
 
 
-def measure_in_child(path, batch_size, in_memory):
+def measure_in_child(path, batch_size, in_memory, check=True):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=one_epoch_in_child, args=(path, batch_size, in_memory, queue))
+    child = context.Process(target=one_epoch_in_child, args=(path, batch_size, in_memory, check, queue))
     child.start()
     result = queue.get()
     child.join()
@@ -127,9 +142,13 @@ def main():
 
         stream = TaskLoader(path, args.batch_size, shuffle=True, in_memory=False)
         stream.set_epoch(1)
+        plain = unchecked(TaskLoader(path, args.batch_size, shuffle=True, in_memory=False))
+        plain.set_epoch(1)
+        n, plain_rate = samples_per_second(plain)
         n, stream_rate = samples_per_second(stream)
-        print("(c) ours, streamed shuffled blocks:          %9.0f samples/s  (%d samples)"
-              % (stream_rate, n))
+        print("(c) ours, streamed shuffled blocks:          %9.0f samples/s  (%d samples; without the checksum "
+              "check %.0f samples/s: the check costs %.1f%%)"
+              % (stream_rate, n, plain_rate, 100 * (plain_rate / stream_rate - 1)))
         print("ratio (b)/(a) = %.0fx, (c)/(a) = %.0fx"
               % (mem_rate / slow_rate, stream_rate / slow_rate))
     if args.stream_rows:
@@ -139,10 +158,17 @@ def main():
             write_task_file(path, args.stream_rows)
             print("\nlarge task file: %d rows (%.2f GiB), written in %.0f s"
                   % (args.stream_rows, os.path.getsize(path) / 2 ** 30, time.perf_counter() - start))
-            for label, in_memory in (("(d) streamed, shuffled blocks", False), ("(e) held in memory", True)):
-                opened, n, rate, peak = measure_in_child(path, args.batch_size, in_memory)
-                print("%-31s opened in %5.1f s, %9.0f samples/s (%d samples), peak RSS %.2f GiB"
+            runs = {}          # (d) and (d') twice each, alternating, best of two: the same page cache
+            for label, in_memory, check in 2 * (("(d) streamed, shuffled blocks", False, True),
+                                                ("(d') the same, checksums not checked", False, False)) + (
+                                                ("(e) held in memory", True, True),):
+                result = measure_in_child(path, args.batch_size, in_memory, check)
+                runs[label] = max(runs.get(label, result), result, key=lambda r: r[2])
+            for label, (opened, n, rate, peak) in runs.items():
+                print("%-38s opened in %5.1f s, %9.0f samples/s (%d samples), peak RSS %.2f GiB"
                       % (label, opened, rate, n, peak / 2 ** 30))
+            checked, plain = (runs[label][2] for label in list(runs)[:2])
+            print("the checksum check costs the streamed epoch %.1f%%" % (100 * (plain / checked - 1)))
 
 
 if __name__ == "__main__":

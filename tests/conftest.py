@@ -1,6 +1,7 @@
 import os
 import sys
 
+import h5py
 import pytest
 import torch
 
@@ -39,3 +40,16 @@ def kill_at(event):
         def kill(_):
             raise Killed()
     return hook
+
+
+def flip_byte(path, dataset, row, column=0):
+    """Flip one bit of the stored (row, column) element of `dataset`, on disk."""
+    with h5py.File(path, "r") as f:
+        d = f[dataset]
+        chunk = d.id.get_chunk_info_by_coord((row - row % d.chunks[0], 0))
+        at = chunk.byte_offset + ((row % d.chunks[0]) * d.shape[1] + column) * d.dtype.itemsize
+    with open(path, "r+b") as f:
+        f.seek(at)
+        byte = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([byte ^ 0x04]))

@@ -10,11 +10,12 @@ import pytest
 import torch
 from tfrecord.writer import TFRecordWriter
 
-from Youtube8M.data import FEATURE_SIZE, TASKS, convert, split_validate_files, task_file
+from Youtube8M.data import FEATURE_SIZE, TASKS, TaskWriter, convert, split_validate_files, task_file
 from Youtube8M.synthetic import GROUPS, SyntheticVideos, ensure_builtin_data, make_synthetic_data
-from Youtube8M.datafolder import read_data_folder
+from Youtube8M.datafolder import CHECKSUM_ROWS, check_file_values, read_data_folder
 from Youtube8M.torch_loader import MultiTask_Dataloader, TaskLoader, TrainSteps
 from Training import UserError
+from conftest import flip_byte
 
 T = len(TASKS)
 
@@ -78,6 +79,9 @@ def raw(tmp_path):
     for name, n in [("train0", 30), ("train1", 25), ("validate0", 10), ("validate1", 12),
                     ("validate2", 8), ("validate3", 11)]:
         files[name] = random_videos(rng, n, name)
+        if name.startswith("validate"):      # a video of every task: each half of the files has them all
+            files[name] += [((name + "task%d" % t).encode(), [t], rng.standard_normal(FEATURE_SIZE).astype(np.float32))
+                            for t in range(T)]
         write_videos(str(raw / (name + ".tfrecord")), files[name])
     return raw, files
 
@@ -138,6 +142,27 @@ def test_converter_errors(raw, tmp_path):
     assert [n for n in os.listdir(tmp_path) if n.startswith("out")] == []   # nothing partial is left
 
 
+def test_converter_refuses_float_labels_and_an_empty_task(raw, tmp_path):
+    """The probe: labels stored as floats used to be dropped, giving an empty data set."""
+    raw, files = raw
+    voc, out = str(raw / "vocabulary.csv"), str(tmp_path / "out")
+    w = TFRecordWriter(str(raw / "train1.tfrecord"))
+    for vid, labels, x in files["train1"]:
+        w.write({"id": (vid, "byte"), "labels": ([float(e) for e in labels], "float"),
+                 "mean_rgb": (x[:1024].tolist(), "float"), "mean_audio": (x[1024:].tolist(), "float")})
+    w.close()
+    with pytest.raises(UserError, match=r"record 0 of .*train1\.tfrecord: feature 'labels' is a float_list, "
+                                        r"expected an int64_list"):
+        convert(voc, str(raw / "train*.tfrecord"), str(raw / "validate*.tfrecord"), out)
+    write_videos(str(raw / "train1.tfrecord"), files["train1"])
+    for name in ("validate0", "validate1", "validate2", "validate3"):     # videos of 'Arts & Entertainment' only
+        write_videos(str(raw / (name + ".tfrecord")), [(v, [0], x) for v, _, x in files[name]])
+    with pytest.raises(UserError, match=r"the valid split \(validate\d\.tfrecord, validate\d\.tfrecord\) has no "
+                                        r"video of tasks 'Games', 'Autos & Vehicles', 'Sports' and 12 more"):
+        convert(voc, str(raw / "train*.tfrecord"), str(raw / "validate*.tfrecord"), out)
+    assert not os.path.exists(out)
+
+
 # ---------------------------------------------------------------- synthetic data
 def test_synthetic_command_line_writes_a_data_folder(tmp_path, capsys):
     """`python -m Youtube8M.synthetic` as README documents it (its flags reached the generator
@@ -190,6 +215,12 @@ def test_ensure_builtin_data_only_when_absent(tmp_path):
     assert os.stat(task_file(out, "train", 0)).st_mtime_ns == stamp
     loaders, num_classes = MultiTask_Dataloader("valid", 64, data_path=out)
     assert len(loaders) == T and all(3 <= c <= 12 for c in num_classes)
+    info = json.load(open(os.path.join(out, "tasks.json")))     # built-in data of before the checksums
+    del info["manifest"]["checksum_rows"]
+    json.dump(info, open(os.path.join(out, "tasks.json"), "w"))
+    ensure_builtin_data(out, num_train=300, num_valid=100)
+    assert os.stat(task_file(out, "train", 0)).st_mtime_ns != stamp
+    assert json.load(open(os.path.join(out, "tasks.json")))["manifest"]["checksum_rows"] == 512
 
 
 # ---------------------------------------------------------------- loader
@@ -437,3 +468,70 @@ def test_conversion_killed_inside_the_swap_gets_the_old_folder_back(raw, tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["out", "raw"]
     assert json.load(open(os.path.join(out, "tasks.json")))["manifest"]["conversion"] == data_folder_was
     assert read_data_folder(out).verified
+
+
+# ---------------------------------------------------------------- checksums
+def crc32c_reference(data, crc=0):
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit over a byte table."""
+    table = []
+    for n in range(256):
+        c = n
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    crc ^= 0xFFFFFFFF
+    for byte in bytes(data):
+        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_converted_files_carry_the_crc32c_of_every_512_rows(raw, tmp_path):
+    raw, files = raw
+    out = str(tmp_path / "out")
+    assert convert_raw(raw, out)["manifest"]["checksum_rows"] == CHECKSUM_ROWS == 512
+    for split, t in (("train", 0), ("test", 15)):
+        with h5py.File(task_file(out, split, t), "r") as f:
+            x, y = f["features"][:], f["labels"][:]
+            assert f.attrs["checksum_rows"] == 512 and len(x) < 512
+            assert list(f["checksums"][:]) == [crc32c_reference(y.tobytes(), crc32c_reference(x.tobytes()))]
+    with h5py.File(task_file(out, "valid", 4), "a") as f:        # a conversion's file without its checksums
+        del f["checksums"]
+    info = json.load(open(os.path.join(out, "tasks.json")))
+    info["manifest"]["files"]["valid_task_4.hdf5"]["bytes"] = os.path.getsize(task_file(out, "valid", 4))
+    json.dump(info, open(os.path.join(out, "tasks.json"), "w"))      # (its size alone would give it away)
+    with pytest.raises(UserError, match=r"mixed or stale: the checksums of valid_task_4\.hdf5 are missing"):
+        read_data_folder(out)
+
+
+def test_a_damaged_task_file_is_refused_in_every_read_path(tmp_path):
+    """Many blocks, written in several flushes; one flipped bit is found whichever way the
+    file is read, and the error names the file and the block's rows."""
+    path = str(tmp_path / "train_task_0.hdf5")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1300, FEATURE_SIZE), dtype=np.float32)
+    labels = [rng.choice(3, size=rng.integers(1, 3), replace=False) for _ in range(1300)]
+    with TaskWriter(path, 3, "test", buffer_rows=1024) as w:
+        for row, classes in zip(x, labels):
+            w.add(row, classes)
+    with h5py.File(path, "r") as f:
+        assert f["checksums"].shape == (3,) and f["features"][1299].tolist() == x[1299].tolist()
+
+    def read_all(**kw):
+        loader = TaskLoader(path, 100, block_rows=300, chunk_blocks=2, **kw)  # blocks round up to 512 rows
+        return sum(len(b) for b, _ in loader)
+
+    for kw in ({"in_memory": True}, {"in_memory": False}, {"in_memory": False, "num_workers": 2}):
+        assert read_all(**kw) == 1300
+    check_file_values(path)
+    flip_byte(path, "features", 700, 5)
+    for kw in ({"in_memory": True}, {"in_memory": False}, {"in_memory": False, "num_workers": 2},
+               {"in_memory": False, "checked": True}):
+        with pytest.raises(UserError, match=r"train_task_0\.hdf5 is damaged: rows 512-1023 do not match their "
+                                            r"checksum .*Convert the data again"):
+            read_all(**kw)
+    with pytest.raises(UserError, match=r"is damaged: rows 512-1023"):
+        check_file_values(path)
+    flip_byte(path, "features", 700, 5)          # undone
+    flip_byte(path, "labels", 1299, 2)           # the last, short block
+    with pytest.raises(UserError, match=r"train_task_0\.hdf5 is damaged: rows 1024-1299 do not match"):
+        read_all(in_memory=False)

@@ -13,7 +13,7 @@ from ignite.engine import Events
 
 from Training import CheckpointError, UserError, load_checkpoint, map_at_k
 from Youtube8M import Trainer, Visualizer
-from conftest import Killed, kill_at
+from conftest import Killed, flip_byte, kill_at
 from Youtube8M.data import TASKS
 from Youtube8M.models import build_model
 from Youtube8M.torch_loader import MultiTask_Dataloader
@@ -394,3 +394,17 @@ def test_a_run_folder_has_one_live_run(data, tmp_path):
         holder.kill()
         holder.wait()
     assert Trainer.main(args)['epochs'] == 1
+
+
+def test_a_flipped_byte_in_the_features_stops_training_in_one_line(data, tmp_path, capsys, monkeypatch):
+    """The probe: one bit flipped inside the features of a converted train_task_0.hdf5 used to train
+    silently (the manifest checks sizes and ids, not values)."""
+    copy = str(tmp_path / 'data')
+    shutil.copytree(data, copy)
+    flip_byte(os.path.join(copy, 'train_task_0.hdf5'), 'features', 3, 100)
+    monkeypatch.setattr(sys, 'argv', ['Trainer.py', '--model', 'Hard3', '--max_epoch', '1', '--data_path', copy] + TINY)
+    with pytest.raises(SystemExit) as exit:
+        Trainer.cli()
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count('\n') == 1, err
+    assert re.search(r'train_task_0\.hdf5 is damaged: rows 0-\d+ do not match their checksum', err), err
