@@ -47,7 +47,7 @@ DEFAULT_DATA_ROOT = default_path("data", "omniglot")
 SPLIT_FOLDERS = ("images_background", "images_evaluation")
 SPLITS = ("train", "test")
 CACHE_NAME = "omniglot_cache.hdf5"
-CACHE_VERSION = 1
+CACHE_VERSION = 2                    # 2: Fletcher-32 checksums; keyed by the images' sizes and times
 
 
 def _how_to_get_data(root):
@@ -198,8 +198,9 @@ def load_image(path, size=IMAGE_SIZE):
         raise UserError(f"{path} is not a readable image ({e}): re-extract the data set") from None
 
 
-def _lists_fingerprint(root):
-    """sha1 of every list file, so a cache built from other lists is noticed."""
+def _sources_fingerprint(root):
+    """sha1 of every list file and of the size and modification time of every image it lists,
+    so a cache built from other lists or from images edited since is noticed."""
     h = hashlib.sha1()
     for name in ("class_annotation.txt", "train_list.txt", "test_list.txt"):
         path = os.path.join(root, name)
@@ -208,6 +209,15 @@ def _lists_fingerprint(root):
             if name != "class_annotation.txt":
                 with open(_resolve(root, entry), "rb") as f:
                     h.update(f.read())
+    for split in SPLITS:
+        for _, items in read_split_lists(root, split):
+            for image, _ in items:
+                try:
+                    stat = os.stat(image)
+                except OSError:
+                    h.update(b"missing")        # build_cache names it
+                    continue
+                h.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
@@ -216,7 +226,7 @@ def cache_path(root):
 
 
 def cache_is_current(root):
-    """True when the cache exists and was built from the lists now in root."""
+    """True when the cache exists and was built from the lists and images now in root."""
     path = cache_path(root)
     if not os.path.exists(path):
         return False
@@ -227,7 +237,7 @@ def cache_is_current(root):
     with f:
         if f.attrs.get("version") != CACHE_VERSION:
             return False
-        return f.attrs.get("lists_sha1") == _lists_fingerprint(root)
+        return f.attrs.get("sources_sha1") == _sources_fingerprint(root)
 
 
 def build_cache(root, size=IMAGE_SIZE):
@@ -235,16 +245,17 @@ def build_cache(root, size=IMAGE_SIZE):
 
     Layout: /<split>/<alphabet>/images uint8 [N, size, size] (values {0, 1}),
             /<split>/<alphabet>/labels int64 [N]; attribute num_classes on the alphabet
-            group; file attributes tasks (task order), lists_sha1, version, image_size.
+            group; file attributes tasks (task order), sources_sha1, version, image_size.
+    Every data set carries HDF5's Fletcher-32 checksums, checked by h5py on every read.
     """
     classes = read_class_annotation(root)
     tasks = [name for name, _ in classes]
-    fingerprint = _lists_fingerprint(root)
+    fingerprint = _sources_fingerprint(root)
     path = cache_path(root)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["version"] = CACHE_VERSION
         f.attrs["image_size"] = size
-        f.attrs["lists_sha1"] = fingerprint
+        f.attrs["sources_sha1"] = fingerprint
         f.attrs["tasks"] = "\n".join(tasks)
         for split in SPLITS:
             lists = read_split_lists(root, split)
@@ -264,10 +275,11 @@ def build_cache(root, size=IMAGE_SIZE):
                 g.attrs["num_classes"] = n_classes
                 if len(items):
                     chunks = (min(len(items), 64), size, size)
-                    g.create_dataset("images", data=images, chunks=chunks, compression="lzf")
+                    g.create_dataset("images", data=images, chunks=chunks, compression="lzf", fletcher32=True)
+                    g.create_dataset("labels", data=labels, fletcher32=True)
                 else:  # a tiny alphabet may have no test image
                     g.create_dataset("images", data=images)
-                g.create_dataset("labels", data=labels)
+                    g.create_dataset("labels", data=labels)
     return path
 
 
@@ -333,14 +345,32 @@ class OmniglotData:
             classes = classes[:alphabets]
         if not cache_is_current(root):
             if not build:
-                raise UserError(f"{cache_path(root)} is missing or older than the "
-                                "lists. " + _how_to_prepare(root))
+                raise UserError(f"{cache_path(root)} is missing or older than the lists or "
+                                "images. " + _how_to_prepare(root))
             build_cache(root)
         self.root, self.split, self.device = root, split, torch.device(device)
         self.tasks = [name for name, _ in classes]
         self.num_classes = [n for _, n in classes]
-        with h5py.File(cache_path(root), "r") as f:
-            groups = [f[split][name] for name in self.tasks]
+        try:
+            images, labels = self._read_cache()
+        except OSError as e:           # a chunk fails its checksum (or cannot be decoded)
+            if not build:
+                raise UserError(f"{cache_path(root)} is damaged ({e}). " + _how_to_prepare(root)) from None
+            print(f"{cache_path(root)} is damaged ({e}): building it again from the images", flush=True)
+            build_cache(root)
+            images, labels = self._read_cache()
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.images = torch.from_numpy(images).to(self.device)
+        self.labels = torch.from_numpy(labels).to(self.device)
+        self.task_ids = torch.repeat_interleave(torch.arange(len(self.tasks)),
+                                                torch.tensor(self.sizes)).to(self.device)
+        self.passes = self.new_passes()
+
+    def _read_cache(self):
+        """(images uint8 [N, S, S], labels int64 [N]) of this split's tasks from the cache,
+        every chunk checked against its checksum; sets sizes and image_size."""
+        with h5py.File(cache_path(self.root), "r") as f:
+            groups = [f[self.split][name] for name in self.tasks]
             self.sizes = [g["labels"].shape[0] for g in groups]
             self.image_size = int(f.attrs["image_size"])
             total = sum(self.sizes)
@@ -352,12 +382,7 @@ class OmniglotData:
                     g["images"].read_direct(images, dest_sel=np.s_[start:start + n])
                     labels[start:start + n] = g["labels"][...]
                 start += n
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.images = torch.from_numpy(images).to(self.device)
-        self.labels = torch.from_numpy(labels).to(self.device)
-        self.task_ids = torch.repeat_interleave(torch.arange(len(self.tasks)),
-                                                torch.tensor(self.sizes)).to(self.device)
-        self.passes = self.new_passes()
+        return images, labels
 
     @property
     def num_tasks(self):

@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 
@@ -211,6 +212,49 @@ def test_cache_goes_stale_when_lists_change(data_root):
         OmniglotData(data_root, "train", build=False)
     dataTools.prepare(data_root, seed=0, force=True)
     assert dataTools.cache_is_current(data_root)
+
+
+def direct_images(root, split):
+    return np.stack([_decode(p) for _, items in dataTools.read_split_lists(root, split) for p, _ in items])
+
+
+def test_cache_goes_stale_when_an_image_is_edited(data_root, tmp_path):
+    """The probe: a PNG edited after the cache was built used to go unnoticed."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(data_root, root)
+    image = dataTools.read_split_lists(root, "train")[1][1][2][0]
+    before = direct_images(root, "train")
+    edited = Image.new("1", (105, 105), 1)
+    edited.putpixel((50, 50), 0)
+    edited.save(image)
+    os.utime(image, ns=(1, 1))               # whatever its time: a different one
+    assert not dataTools.cache_is_current(root)
+    with pytest.raises(UserError, match="older than the lists or images"):
+        OmniglotData(root, "train", build=False)
+    data = OmniglotData(root, "train")       # rebuilt
+    after = direct_images(root, "train")
+    assert (after != before).any() and np.array_equal(data.images.numpy(), after)
+
+
+def test_a_damaged_cache_is_refused_or_built_again(data_root, tmp_path, capsys):
+    """The probe: a byte flipped inside omniglot_cache.hdf5 used to give other images silently."""
+    root = str(tmp_path / "copy")
+    shutil.copytree(data_root, root)
+    path = dataTools.cache_path(root)
+    alphabet = dataTools.read_class_annotation(root)[0][0]
+    with h5py.File(path, "r") as f:
+        chunk = f["train"][alphabet]["images"].id.get_chunk_info(0)
+    with open(path, "r+b") as f:
+        f.seek(chunk.byte_offset + chunk.size // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x20]))
+    assert dataTools.cache_is_current(root)  # its attributes are intact: only the checksums tell
+    with pytest.raises(UserError, match=rf"{re.escape(path)} is damaged \(.*\)\. Run `python -m Omniglot.dataTools"):
+        OmniglotData(root, "train", build=False)
+    data = OmniglotData(root, "train")
+    assert f"{path} is damaged" in capsys.readouterr().out
+    assert np.array_equal(data.images.numpy(), direct_images(root, "train"))
 
 
 def test_sampler_shapes_labels_and_task_ids(data_root):
