@@ -40,8 +40,8 @@ from Omniglot.sweep import RUN_SETTINGS, Progress, RunSpec, default_runs_at_once
 from Omniglot.TAAN import build_model
 from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
                             load_data)
-from Training import (ArgumentParser, atomic_torch_save, atomic_write_json, atomic_write_text, count, count_parameters,
-                      default_path, entry_point, real, resolve_device)
+from Training import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json, atomic_write_text, count,
+                      count_parameters, default_path, entry_point, real, resolve_device)
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
 SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<reg>/
@@ -156,6 +156,10 @@ def open_sweep(args, path, sweep_file, settings):
                                 "same settings, or start afresh without --resume")
     prefix = ""
     if os.path.isfile(path):
+        try:
+            results.parse_results(path)         # a sweep appends to a results file, never to garbage
+        except UserError as e:
+            raise UserError(f"{e}; the sweep appends to this file: fix it, or move it away") from None
         with open(path, encoding="utf-8") as f:
             prefix = f.read()
     return {"prefix": prefix + ("\n" if prefix and not prefix.endswith("\n") else ""), "settings": settings,

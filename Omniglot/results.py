@@ -97,23 +97,27 @@ def parse_results(path):
     if not os.path.exists(path):
         raise UserError(f"result file {path} does not exist")
     out, lam = {}, None
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            header, experiment = _HEADER.match(line), _EXPERIMENT.match(line)
-            if header:
-                lam = round(float(header.group(1)), 6)
-                out.setdefault(lam, [])
-            elif experiment:
-                if lam is None:
-                    raise UserError(f"{path} line {number}: an Experiment line before any "
-                                    "'Lambda = ...' header")
-                out[lam].append(float(experiment.group(2)))
-            else:
-                raise UserError(f"{path} line {number}: expected a '---Lambda = x.---' header "
-                                f"or 'Experiment n, ACC: a.', got {line!r}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not a text file ({e})") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        header, experiment = _HEADER.match(line), _EXPERIMENT.match(line)
+        if header:
+            lam = round(float(header.group(1)), 6)
+            out.setdefault(lam, [])
+        elif experiment:
+            if lam is None:
+                raise UserError(f"{path} line {number}: an Experiment line before any "
+                                "'Lambda = ...' header")
+            out[lam].append(float(experiment.group(2)))
+        else:
+            raise UserError(f"{path} line {number}: expected a '---Lambda = x.---' header "
+                            f"or 'Experiment n, ACC: a.', got {line[:60]!r}")
     return out
 
 

@@ -40,9 +40,9 @@ import torch
 
 from Layers.DMTRL_pytorch import METHODS
 from Layers.TAL_pytorch import PAPER_REGULARIZERS, layer_regularizer
-from Training import (ArgumentParser, Dataflow, Experiment, MultiTaskMAPAtK, add_bool_argument, add_run_arguments,
-                      atomic_savetxt, count, count_parameters, entry_point, load_checkpoint, one_of, real, run,
-                      split_glued_booleans)
+from Training import (ArgumentParser, Dataflow, Experiment, MultiTaskMAPAtK, UserError, add_bool_argument,
+                      add_run_arguments, atomic_savetxt, count, count_parameters, entry_point, load_checkpoint, one_of,
+                      real, run, split_glued_booleans)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 from Youtube8M.models import MODELS, build_model, multitask_loss
@@ -132,7 +132,13 @@ class Youtube8M(Experiment):
                                         world_size=idist.get_world_size(), drop_last=False, folder=folder)[0]
 
         self.device, self.num_tasks = device, len(folder.tasks)
-        steps = TrainSteps(split('train', True))
+        train = split('train', True)
+        if max(len(loader) for loader in train) < 2:
+            largest = max(loader.num_samples for loader in train)
+            raise UserError(f'--batch_size {args.batch_size} holds the whole training set of every task (the largest '
+                            f'has {largest} videos), so an epoch -- max_t(batches of task t) - 1 steps, as in the '
+                            f'original -- would have no step: use a batch size below {largest // idist.get_world_size()}')
+        steps = TrainSteps(train)
         return Dataflow(train=steps, evaluate=EvalSteps(split('valid', False)), test=EvalSteps(split('test', False)),
                         epoch_length=len(steps), max_epochs=args.max_epoch,
                         info={'num_classes': folder.num_classes, 'in_features': folder.num_features,

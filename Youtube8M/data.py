@@ -82,8 +82,12 @@ class Vocabulary:
         if not os.path.isfile(path):
             raise UserError("vocabulary file %r not found: pass the vocabulary.csv of the Youtube-8M "
                             "release with --vocabulary" % path)
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.DictReader(f))
+        except UnicodeDecodeError as e:
+            raise UserError("vocabulary file %r is not UTF-8 text (%s); pass the vocabulary.csv of the Youtube-8M "
+                            "release with --vocabulary" % (path, e)) from None
         missing = [c for c in VOCABULARY_COLUMNS if not rows or c not in rows[0]]
         if missing:
             raise UserError("vocabulary file %r has no column(s) %s (expected the Youtube-8M "

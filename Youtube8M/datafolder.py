@@ -87,6 +87,9 @@ def file_shape(path):
         if missing or "num_classes" not in f.attrs:
             raise UserError("%s lacks %s; %s" % (path, ", ".join(missing) or "the attribute num_classes", LAYOUT))
         x, y, c = f["features"], f["labels"], int(f.attrs["num_classes"])
+        for name, d, kinds in (("features", x, "fiu"), ("labels", y, "biuf")):
+            if d.dtype.kind not in kinds:
+                raise UserError("the %s of %s are stored as %s, not numbers; %s" % (name, path, d.dtype, LAYOUT))
         if x.ndim != 2 or x.shape[1] < 1:
             raise UserError("features of %s have shape %s, expected [N, D]; %s" % (path, x.shape, LAYOUT))
         if y.shape != (x.shape[0], c):
@@ -159,6 +162,13 @@ class Checksums:
 def verify_manifest(path, info):
     """UserError unless the task files are those the manifest of tasks.json lists."""
     manifest = info["manifest"]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not (isinstance(files, dict) and isinstance(manifest.get("conversion"), str) and all(
+            isinstance(e, dict) and isinstance(e.get("rows"), int) and isinstance(e.get("bytes"), int)
+            for e in files.values())):
+        raise UserError("the manifest in %s is not one a conversion writes (an object with a conversion id and "
+                        "each file's rows and bytes): convert the data again, or, for your own data, remove the "
+                        "manifest from tasks.json" % os.path.join(path, "tasks.json"))
     conversion = manifest["conversion"]
     for split, t in ((split, t) for split in SPLITS for t in range(len(info["tasks"]))):
         name = os.path.basename(task_file(path, split, t))

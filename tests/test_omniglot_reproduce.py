@@ -294,6 +294,13 @@ def test_sweep_writes_the_original_format_from_its_records_and_resumes_after_a_k
         f.write('{"settings": ')                        # a sweep file cut short
     with pytest.raises(UserError, match=r"sweep\.json is damaged \(JSONDecodeError: .*\): delete it"):
         Evaluation_TAAN.main(argv + ["--resume"])
+    # the probe: a results file holding something else used to be kept and appended to
+    for garbage, why in ((b"my notes\n", r" line 1: expected a '---Lambda = x\.---' header .*got 'my notes'"),
+                         (b"\xff\xfe\x00", r" is not a text file \(.*codec can't decode")):
+        open(path, "wb").write(garbage)
+        with pytest.raises(UserError, match=re.escape(path) + why + ".*fix it, or move it"):
+            Evaluation_TAAN.main(argv)
+        assert open(path, "rb").read() == garbage
 
 
 # ------------------------------------------------------------------------------- reproduce

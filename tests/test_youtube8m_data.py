@@ -535,3 +535,26 @@ def test_a_damaged_task_file_is_refused_in_every_read_path(tmp_path):
     flip_byte(path, "labels", 1299, 2)           # the last, short block
     with pytest.raises(UserError, match=r"train_task_0\.hdf5 is damaged: rows 1024-1299 do not match"):
         read_all(in_memory=False)
+
+
+def test_malformed_folder_files_are_one_line(raw, tmp_path):
+    """The probes: a manifest that is a list, features stored as strings and a vocabulary that is
+    not UTF-8 used to end in tracebacks."""
+    raw, files = raw
+    out = str(tmp_path / "out")
+    convert_raw(raw, out)
+    info = json.load(open(os.path.join(out, "tasks.json")))
+    json.dump(dict(info, manifest=[1, 2]), open(os.path.join(out, "tasks.json"), "w"))
+    with pytest.raises(UserError, match=r"the manifest in .*tasks\.json is not one a conversion writes"):
+        read_data_folder(out)
+    del info["manifest"]                     # your own data: no manifest
+    json.dump(info, open(os.path.join(out, "tasks.json"), "w"))
+    with h5py.File(task_file(out, "valid", 2), "a") as f:
+        x = f["features"][:]
+        del f["features"]
+        f["features"] = x.astype("S8")
+    with pytest.raises(UserError, match=r"the features of .*valid_task_2\.hdf5 are stored as \|S8, not numbers"):
+        MultiTask_Dataloader("valid", 4, data_path=out)
+    open(raw / "vocabulary.csv", "wb").write(b"Index,Name,Vertical1\n0,caf\xe9,Games\n")
+    with pytest.raises(UserError, match=r"vocabulary\.csv' is not UTF-8 text"):
+        convert_raw(raw, str(tmp_path / "other"))

@@ -408,3 +408,13 @@ def test_a_flipped_byte_in_the_features_stops_training_in_one_line(data, tmp_pat
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count('\n') == 1, err
     assert re.search(r'train_task_0\.hdf5 is damaged: rows 0-\d+ do not match their checksum', err), err
+
+
+def test_a_batch_larger_than_every_task_is_one_line(data):
+    """The probe: --batch_size 1000000000 was accepted (one full-data step per epoch, where the
+    original's epoch has none)."""
+    big = list(TINY)
+    big[big.index('--batch_size') + 1] = '1000000000'
+    with pytest.raises(UserError, match=r'^--batch_size 1000000000 holds the whole training set of every task \(the '
+                                        r'largest has \d+ videos\).*use a batch size below \d+$'):
+        Trainer.main(['--model', 'Hard3', '--max_epoch', '1', '--data_path', data] + big)
