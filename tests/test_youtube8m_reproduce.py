@@ -14,8 +14,11 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
-def data(youtube8m_data):
-    return youtube8m_data
+def data(tmp_path_factory):
+    """Tiny built-in data with more than one batch of the builtin preset (128) in its largest task."""
+    from Youtube8M.synthetic import ensure_builtin_data
+    return ensure_builtin_data(str(tmp_path_factory.mktemp('yt8m')), seed=0, num_train=1000, num_valid=400,
+                               train_files=2, valid_files=2)
 
 
 def test_rows_follow_the_original_commands():

@@ -242,11 +242,12 @@ def test_every_original_command_line_runs(data, tmp_path, monkeypatch, capsys):
 
 def test_names_are_case_insensitive_and_original_variant_reaches_the_layers(data):
     a = Trainer.parse_args(['--model', 'taan', '--regularize', 'Cosine', '--method', 'tt', '--original_variant',
-                            '--data_path', data, '--hidden_feature', '8'])
+                            '--data_path', data, '--hidden_feature', '8', '--batch_size', '16'])
     assert (a.model, a.regularize, a.method, a.original_variant) == ('TAAN', 'cosine', 'TT', True)
     experiment = Trainer.Youtube8M(a)
     dataflow = experiment.get_dataflow(torch.device('cpu'))
-    plain = Trainer.parse_args(['--model', 'TAAN', '--regularize', 'COSINE', '--data_path', data, '--hidden_feature', '8'])
+    plain = Trainer.parse_args(['--model', 'TAAN', '--regularize', 'COSINE', '--data_path', data, '--hidden_feature', '8',
+                                '--batch_size', '16'])
     for args, expected in ((a, 'cosine_original'), (plain, 'cosine')):
         model, _ = Trainer.Youtube8M(args).initialize(dataflow, torch.device('cpu'))
         assert {layer.regularize for layer in model.reg_layers()} == {expected}
