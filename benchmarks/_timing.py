@@ -13,6 +13,16 @@ import torch
 CUDA_CALLS = 10      # steps queued back to back per CUDA measurement
 
 
+def benchmark_device(name, script):
+    """torch.device(name), or the benchmark stops in one line when it names a CUDA device this
+    machine does not have."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script}: no CUDA device here (torch {torch.__version__}); run it on a machine with a "
+                         "GPU, or ask for cpu")
+    return device
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -22,7 +22,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import youtube8m_step as y8m  # benchmarks/youtube8m_step.py
-from _timing import sync, timed  # benchmarks/_timing.py
+from _timing import benchmark_device, sync, timed  # benchmarks/_timing.py
 
 from Layers import TAL_Linear
 
@@ -80,9 +80,9 @@ def row(label, fn, device, graph=True):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda")
-    device = torch.device(p.parse_args().device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        raise SystemExit("cuda_profile.py needs a CUDA device (--device cuda)")
+    device = benchmark_device(p.parse_args().device, "cuda_profile.py")
+    if device.type != "cuda":
+        raise SystemExit("cuda_profile.py profiles a CUDA device: --device cuda")
     torch.manual_seed(0)
     x = torch.randn(ROWS, FEATURES, device=device)
     ids = torch.arange(TASKS, device=device).repeat_interleave(ROWS // TASKS)

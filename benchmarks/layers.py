@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from _peak import reset_peak, resident, run_child  # noqa: E402  (benchmarks/_peak.py)
-from _timing import CUDA_CALLS, sync, timed  # noqa: E402  (benchmarks/_timing.py)
+from _timing import CUDA_CALLS, benchmark_device, sync, timed  # noqa: E402  (benchmarks/_timing.py)
 from Layers import TAL_Linear  # noqa: E402
 TINY_IN, TINY_ROWS, TINY_TASKS, TINY_BASIS = 64, 32, 4, 16
 from Layers import _tal_kernel  # noqa: E402
@@ -198,7 +198,7 @@ def main():
     args = p.parse_args()
     if args.child:
         return child(args.child[0], int(args.child[1]))
-    device = torch.device(args.device)
+    device = benchmark_device(args.device, "layers.py")
     probe = torch.empty(1, device=device)
     backend = backend_for(probe)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from _timing import timed  # benchmarks/_timing.py
+from _timing import benchmark_device, timed  # benchmarks/_timing.py
 
 from Layers._tal_kernel import backend_for
 from Omniglot.TAAN import IMAGE_SIZE, build_model, multitask_loss
@@ -73,7 +73,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = benchmark_device(args.device, "omniglot_step.py")
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     num_classes = rng.integers(14, 56, size=args.tasks).tolist()     # ~ the real alphabets' sizes

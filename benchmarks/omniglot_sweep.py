@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from _timing import timed  # benchmarks/_timing.py
+from _timing import benchmark_device, timed  # benchmarks/_timing.py
 
 from Layers._tal_kernel import backend_for
 from Omniglot.stack import STACKINGS, build_runs
@@ -198,9 +198,8 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if args.threads:
         torch.set_num_threads(args.threads)
-    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    for name in devices:
-        device = torch.device(name)
+    names = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for device in [benchmark_device(name, "omniglot_sweep.py") for name in names]:    # all checked first
         report(device, *measure(device, args), args)
 
 

@@ -32,7 +32,7 @@ import time
 import torch
 
 from _peak import reset_peak, resident, run_child  # benchmarks/_peak.py
-from _timing import sync, timed  # benchmarks/_timing.py
+from _timing import benchmark_device, sync, timed  # benchmarks/_timing.py
 
 from Youtube8M.models import DMTRL, MRN, build_model, multitask_loss
 
@@ -133,7 +133,7 @@ def main():
     p.add_argument('--child', help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    device = torch.device(args.device)
+    device = benchmark_device(args.device, "youtube8m_step.py")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

@@ -251,3 +251,19 @@ def test_an_error_inside_a_run_is_reported_once(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.count('\n') == 1 and done.stderr.startswith('error: batch_size must be in 1..'), done.stderr
+
+
+GPU_BENCHMARKS = [['cuda_profile.py'], ['layers.py', '--device', 'cuda'], ['omniglot_step.py', '--device', 'cuda'],
+                  ['youtube8m_step.py', '--device', 'cuda'], ['omniglot_sweep.py', '--devices', 'cpu', 'cuda']]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the machines without a CUDA device')
+def test_gpu_benchmarks_stop_in_one_line_without_a_gpu():
+    """`omniglot_sweep.py --devices cuda` used to end in a traceback here (after measuring the CPU)."""
+    runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, 'benchmarks', script), *flags], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for script, *flags in GPU_BENCHMARKS]
+    for (script, *_), run in zip(GPU_BENCHMARKS, runs):
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 1 and out == '' and err == f'{script}: no CUDA device here (torch ' \
+            f'{torch.__version__}); run it on a machine with a GPU, or ask for cpu\n', (script, out, err)
