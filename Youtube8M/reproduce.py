@@ -5,8 +5,9 @@
 
 trains every row of the paper's table -- STL, Hard3, MRN, SoftOrder, DMTRL (Tucker, TT,
 LAF), CrossStitch, MMoE, TAAN, TAAN + tracenorm, TAAN + distance, TAAN + cosine -- with
-`Youtube8M.Trainer`, once per seed, and writes one table:
+`Youtube8M.Trainer`, once per seed, and writes one table.
 
+Output in --out OUT (default results/youtube8m_reproduce/<preset> of the project home):
   OUT/table.md    mean test mAP@10 (mean +- sample std over the seeds), parameters,
                   seconds per training step, peak memory of the run
   OUT/table.csv   the same, with every seed's mAP@10 and every task's mean mAP@10
@@ -170,7 +171,7 @@ def build_parser():
                    help='train only these rows (default all): ' + ', '.join(f'"{label}"' for label, _ in ROWS))
     p.add_argument('--original_variant', action='store_true',
                    help="TAAN rows: the original code's tracenorm / cosine formulas")
-    p.add_argument('--out', default=OUT, help='output folder (default %(default)s)')
+    p.add_argument('--out', default=None, help=f'output folder (default {OUT}/<preset>: each preset its own)')
     p.add_argument('--device', default='auto', help='auto (CUDA if available), cpu, cuda or cuda:N')
     add_bool_argument(p, '--compile', help="compile every row's training step (Trainer.py --compile); the "
                       'results agree with an eager run to float rounding, so finished rows are kept either way')
@@ -185,6 +186,7 @@ def main(argv=None):
         ensure_builtin_data(args.data_path)
     folder = read_data_folder(args.data_path)
     args.preset = args.preset or ('builtin' if folder.synthetic else 'paper')
+    args.out = args.out or os.path.join(OUT, args.preset)
     formulas = "the original code's" if args.original_variant else "the paper's"
     print(f'Youtube-8M table: {len(folder.tasks)} tasks{" (SYNTHETIC)" if folder.synthetic else ""} in '
           f'{args.data_path}, preset {args.preset}, {args.seeds} seed(s), TAAN with {formulas} formulas; '

@@ -80,3 +80,12 @@ def test_table_from_records_and_resume(data, tmp_path, capsys, monkeypatch):
     # other settings in the same folder are refused, not mixed in
     with pytest.raises(UserError, match='records a run with other settings'):
         reproduce.main(argv[:-3] + ['--device', 'cpu'])
+
+
+def test_each_preset_has_its_own_default_folder(data, tmp_path, monkeypatch):
+    """README's two commands used to write one folder: the second overwrote table.md and refused later rows."""
+    monkeypatch.setattr(reproduce, 'OUT', str(tmp_path))
+    monkeypatch.setattr(reproduce, 'reproduce', lambda args, folder, formulas: args.out)
+    assert reproduce.main(['--data_path', data]) == os.path.join(str(tmp_path), 'builtin')    # synthetic data
+    assert reproduce.main(['--data_path', data, '--preset', 'paper']) == os.path.join(str(tmp_path), 'paper')
+    assert reproduce.main(['--data_path', data, '--out', str(tmp_path / 'mine')]) == str(tmp_path / 'mine')
