@@ -458,6 +458,8 @@ def run(experiment, args, device=None, setup_hook=None, log=print):
         return result
     if not experiment.distributed:
         raise UserError(f'{type(experiment).__name__} runs in one process: start it without torchrun')
+    for name in ('ignite.distributed.launcher.Parallel', 'ignite.distributed.auto.auto_model'):
+        logging.getLogger(name).setLevel(logging.WARNING)   # no timestamped INFO lines: the core says it plainly
     with idist.Parallel(backend=backend) as parallel:
         parallel.run(training, experiment, args, device, result, setup_hook, log)
         # Free the run's engines and model (reference cycles) while Python is alive, so that closing

@@ -144,6 +144,7 @@ def test_two_process_run(data, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert '2 processes (gloo)' in proc.stdout
+    assert ' INFO' not in proc.stdout + proc.stderr       # plain lines only, no library timestamps
     task, mean = read_results(out, 'Hard3')
     # metrics all-reduced over the two shards equal a one-process evaluation of the saved model
     assert task == pytest.approx(evaluate_saved(os.path.join(out, 'Hard3.pth'), data, 'Hard3'), rel=1e-9)
