@@ -206,7 +206,8 @@ def main(argv=None):
     print(f"synthetic Omniglot: {info['alphabets']} alphabets ({info['background_alphabets']} in "
           f"images_background), {info['characters']} characters, {info['images']} images "
           f"written to {args.root} in {time.time() - start:.1f} s")
-    print(f"next: python -m Omniglot.dataTools --root {args.root}")
+    print(f"next: python -m Omniglot.train --data_root {args.root} (it writes the split lists and the image "
+          "cache first)")
 
 
 cli = entry_point(main)
