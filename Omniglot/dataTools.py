@@ -199,25 +199,22 @@ def load_image(path, size=IMAGE_SIZE):
 
 
 def _sources_fingerprint(root):
-    """sha1 of every list file and of the size and modification time of every image it lists,
-    so a cache built from other lists or from images edited since is noticed."""
+    """sha1 of the lists (every alphabet's class count, and every image's path, relative to
+    root, and label in both splits) and of the size and modification time of every listed
+    image, so a cache built from other lists or from images edited since is noticed."""
     h = hashlib.sha1()
-    for name in ("class_annotation.txt", "train_list.txt", "test_list.txt"):
-        path = os.path.join(root, name)
-        for _, entry in _read_lines(path, root):
-            h.update(entry.encode() + b"\n")
-            if name != "class_annotation.txt":
-                with open(_resolve(root, entry), "rb") as f:
-                    h.update(f.read())
+    for alphabet, n_classes in read_class_annotation(root):
+        h.update(f"{alphabet} {n_classes}\n".encode())
     for split in SPLITS:
-        for _, items in read_split_lists(root, split):
-            for image, _ in items:
+        for alphabet, items in read_split_lists(root, split):
+            h.update(f"{split} {alphabet}\n".encode())
+            for image, label in items:
                 try:
                     stat = os.stat(image)
+                    size_time = f"{stat.st_size} {stat.st_mtime_ns}"
                 except OSError:
-                    h.update(b"missing")        # build_cache names it
-                    continue
-                h.update(f"{stat.st_size} {stat.st_mtime_ns}\n".encode())
+                    size_time = "missing"            # build_cache names it
+                h.update(f"{os.path.relpath(image, root)} {label} {size_time}\n".encode())
     return h.hexdigest()
 
 

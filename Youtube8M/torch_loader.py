@@ -124,16 +124,16 @@ class TaskLoader:
             raise UserError("%s has %d videos, fewer than one batch of batch_size x world_size = "
                             "%d with drop_last=True; use a smaller batch size"
                             % (path, self.num_samples, global_batch))
+        nbytes = self.num_samples * (self.num_features * 4 + self.num_classes)
+        self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
         with h5py.File(path, "r") as f:
             self.checksums = Checksums(path, f)
+            if self.in_memory:
+                self.features, self.labels = f["features"][:], f["labels"][:]
         if self.checksums.values is not None:
             block_rows = -(-block_rows // self.checksums.rows) * self.checksums.rows
         self.block_rows = block_rows
-        nbytes = self.num_samples * (self.num_features * 4 + self.num_classes)
-        self.in_memory = nbytes <= max_memory_mb * 2 ** 20 if in_memory is None else in_memory
         if self.in_memory:
-            with h5py.File(path, "r") as f:
-                self.features, self.labels = f["features"][:], f["labels"][:]
             self.checksums.check(0, self.features, self.labels)
             if not checked:
                 check_values(path, self.features, self.labels)
