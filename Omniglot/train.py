@@ -20,6 +20,9 @@ Files in --saveto (nothing is written without it):
                        settings after every evaluation (for --resume)
   config.json          the settings and the alphabet names (to rebuild the model)
   result.json          best accuracy, iterations and the accuracy history, when the run ends
+  metrics.csv, learning_curves.png, events.out.tfevents.*
+                       every evaluation's accuracy and the mean training loss before it, as a
+                       table, a picture and TensorBoard events (`Training.runlog`)
 """
 import os
 

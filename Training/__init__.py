@@ -8,8 +8,8 @@
 - runtime: default folders, device choice, seeding, parameter count;
 - atomic: every file written through a temporary file and `os.replace`; one live run per folder.
 """
-from .atomic import (atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_save,
-                     atomic_write, atomic_write_json, atomic_write_text, hold_folder, remove_stale_temporaries)
+from .atomic import (atomic_path, atomic_savefig, atomic_savetxt, atomic_torch_save, atomic_write, atomic_write_csv,
+                     atomic_write_json, atomic_write_text, hold_folder, remove_stale_temporaries)
 from .checkpoint import (CheckpointError, RNGState, best_model_checkpoint, load_checkpoint, make_checkpoints,
                          read_checkpoint, resolve_resume, restore, training_state_checkpoint)
 from .cli import (ArgumentParser, UserError, add_bool_argument, count, entry_point, one_of, real, split_glued_booleans,
@@ -19,7 +19,8 @@ from .runtime import count_parameters, default_path, project_home, resolve_devic
 from .trainer import Dataflow, Experiment, Run, add_run_arguments, run
 
 __all__ = ['atomic_path', 'atomic_savefig', 'atomic_savetxt', 'atomic_torch_save',
-           'atomic_write', 'atomic_write_json', 'atomic_write_text', 'hold_folder', 'remove_stale_temporaries',
+           'atomic_write', 'atomic_write_csv', 'atomic_write_json', 'atomic_write_text', 'hold_folder',
+           'remove_stale_temporaries',
            'CheckpointError', 'RNGState', 'best_model_checkpoint', 'load_checkpoint', 'make_checkpoints',
            'read_checkpoint', 'resolve_resume', 'restore', 'training_state_checkpoint',
            'ArgumentParser', 'UserError', 'add_bool_argument', 'count', 'entry_point', 'one_of', 'real',

@@ -10,7 +10,9 @@ they start) removes those whose process is gone.
 `hold_folder(folder)` makes a run the one owner of its output folder while it trains.
 """
 import contextlib
+import csv
 import fcntl
+import io
 import json
 import os
 import re
@@ -60,6 +62,15 @@ def atomic_write_text(path, text):
 
 def atomic_write_json(path, obj):
     atomic_write_text(path, json.dumps(obj, indent=1) + '\n')
+
+
+def atomic_write_csv(path, header, rows):
+    """A CSV file (comma-separated, quoted where needed, '\\n' line ends) of `header` and `rows`, atomically."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator='\n')
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
 
 
 def atomic_savetxt(path, values, **kwargs):

@@ -33,7 +33,9 @@ continues exactly where the saved one stopped, and refuses settings that differ 
 saved ones.
 
 Output: progress bars on a terminal (or with --progress true); otherwise, and besides the
-bars, one plain line per evaluation with the mean training loss since the last one.
+bars, one plain line per evaluation with the mean training loss since the last one. A run
+with a folder also writes there, at every evaluation, metrics.csv and TensorBoard events,
+and at its end learning_curves.png (`Training.runlog`).
 """
 import gc
 import logging
@@ -50,6 +52,7 @@ from .atomic import atomic_write_json, hold_folder, remove_stale_temporaries
 from .checkpoint import (CheckpointError, RNGState, load_checkpoint, make_checkpoints, read_checkpoint, resolve_resume,
                          restore)
 from .cli import UserError, add_bool_argument, count
+from .runlog import RunLog, metric_columns
 from .runtime import count_parameters, resolve_device, seed_everything
 
 
@@ -359,12 +362,14 @@ def _training(experiment, args, device, result, setup_hook, log):
     early_stopping = EarlyStopping(patience=args.early_stop, score_function=score, trainer=trainer)
     evaluator.add_event_handler(Events.COMPLETED, early_stopping)
     history, losses = History(), LossMean(trainer)
+    runlog = RunLog(args.saveto if paths else None, f'{experiment.eval_split}_{experiment.score}',
+                    write=main_process)
     objects = {'model': model, 'optimizer': optimizer, 'trainer': trainer, 'rng': RNGState(),
                'early_stopping': early_stopping, 'history': history, **experiment.state_objects()}
     config = experiment.config(data)
     best_weights = {}
     if paths:
-        objects['settings'] = Settings(config)
+        objects['settings'], objects['runlog'] = Settings(config), runlog
         best, save_state = make_checkpoints(args.saveto, model, objects, experiment.files['best'],
                                             experiment.files['state'], score)
         objects['best_checkpoint'] = best
@@ -384,6 +389,8 @@ def _training(experiment, args, device, result, setup_hook, log):
         where = (f'Epoch {engine.state.epoch:03d}' if data.eval_interval is None
                  else f'Iter {engine.state.iteration:05d}')
         loss = losses.take()
+        runlog.add(engine.state.epoch, engine.state.iteration, loss,
+                   metric_columns(experiment.eval_split, evaluator.state.metrics, data.info.get('tasks')))
         say(f'{where}: train loss {"-" if loss is None else f"{loss:.4f}"}, {experiment.eval_split} '
             f'{experiment.score} {value:.4f} (best {early_stopping.best_score:.4f}, '
             f'{early_stopping.counter} without gain)')
@@ -411,8 +418,12 @@ def _training(experiment, args, device, result, setup_hook, log):
 
     done = (trainer.state.iteration >= data.max_epochs * data.epoch_length
             or early_stopping.counter >= early_stopping.patience)
-    if not done:
-        trainer.run(data.train, max_epochs=data.max_epochs, epoch_length=data.epoch_length)
+    try:
+        if not done:
+            trainer.run(data.train, max_epochs=data.max_epochs, epoch_length=data.epoch_length)
+    finally:
+        runlog.close(draw=False)
+    runlog.close()
     if bar is not None:
         bar.close()
     run = Run(experiment, core, data, device, trainer, early_stopping, history, paths, progress, say, best_weights,
@@ -427,8 +438,8 @@ def resume_from(path, objects, config, experiment, data, trainer, early_stopping
     saved by a run with the same settings and the same epoch length."""
     state = read_checkpoint(path)
     check_settings(path, state, config, experiment.resume_may_change)
-    if isinstance(state, dict) and 'settings' not in state:
-        objects = {k: v for k, v in objects.items() if k != 'settings'}    # saved before settings were kept
+    if isinstance(state, dict):     # saved before the settings or the evaluation rows were kept
+        objects = {k: v for k, v in objects.items() if k not in ('settings', 'runlog') or k in state}
     restore(path, state, objects)
     if trainer.state.epoch_length != data.epoch_length:
         raise CheckpointError(f'{path} was saved by a run with {trainer.state.epoch_length} steps per epoch, this '

@@ -24,7 +24,9 @@ are kept in memory for the test):
                                    after the last epoch (for --resume)
   {model}-config.json              the settings, to rebuild the model (Visualizer.py)
   {model}-task_mAP%K.txt           test mAP@10 of every task, one per line (np.savetxt)
+  {model}-task_mAP%K.csv           the same with the task names: columns task, mAP@10
   {model}-average_mAP%K.txt        mean test mAP@10 (np.savetxt)
+  metrics.csv, learning_curves.png, events.out.tfevents.*   the validation curves (`Training.runlog`)
 
 --resume auto (or a file) continues from the training state: with the same --seed the
 result is the same as an uninterrupted run (the batches depend only on seed and epoch).
@@ -41,8 +43,8 @@ import torch
 from Layers.DMTRL_pytorch import METHODS
 from Layers.TAL_pytorch import PAPER_REGULARIZERS, layer_regularizer
 from Training import (ArgumentParser, Dataflow, Experiment, MultiTaskMAPAtK, UserError, add_bool_argument,
-                      add_run_arguments, atomic_savetxt, count, count_parameters, entry_point, load_checkpoint, one_of,
-                      real, run, split_glued_booleans)
+                      add_run_arguments, atomic_savetxt, atomic_write_csv, count, count_parameters, entry_point,
+                      load_checkpoint, one_of, real, run, split_glued_booleans)
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 from Youtube8M.models import MODELS, build_model, multitask_loss
@@ -103,6 +105,7 @@ def output_paths(saveto, model):
             'state': os.path.join(saveto, f'{model}-training_state.pt'),
             'config': os.path.join(saveto, f'{model}-config.json'),
             'task': os.path.join(saveto, f'{model}-task_mAP%K.txt'),
+            'task_csv': os.path.join(saveto, f'{model}-task_mAP%K.csv'),
             'average': os.path.join(saveto, f'{model}-average_mAP%K.txt')}
 
 
@@ -188,8 +191,10 @@ class Youtube8M(Experiment):
             run.log(f'Test mean {METRIC}: {mean:.4f}')
             if paths:
                 atomic_savetxt(paths['task'], per_task)
+                atomic_write_csv(paths['task_csv'], ['task', METRIC], zip(run.data.info['tasks'], per_task))
                 atomic_savetxt(paths['average'], mean)
-                run.log(f'Results written to {paths["task"]} and {paths["average"]}')
+                run.log(f'Results written to {paths["task"]} (with task names: {paths["task_csv"]}) and '
+                        f'{paths["average"]}')
         return {'task_mAP': per_task, 'mAP': mean, 'epochs': run.trainer.state.epoch, 'paths': paths,
                 'parameters': count_parameters(run.model), 'seconds_per_step': run.seconds_per_step,
                 'tasks': run.data.info['tasks'], 'synthetic': run.data.info['synthetic']}

@@ -16,6 +16,7 @@ from Omniglot import run_builtin, synthetic, train as trainer, visualization_ful
 from Omniglot.dataTools import read_split_lists
 from Omniglot.TAAN import HEAD_LR_FACTOR, MODELS, HardSharing, SingleTask, TAAN, build_model, multitask_loss
 from Training import load_checkpoint
+from Training.runlog import read_metrics
 from conftest import Killed, kill_at
 from Training import UserError
 
@@ -299,10 +300,15 @@ def naive_accuracy(model, test_data):
 
 def test_train_end_to_end(taan_run, data):
     out, result = taan_run
-    assert sorted(os.listdir(out)) == [".lock", "config.json", "model_params.pt", "result.json", "training_state.pt"]
+    files = [f for f in sorted(os.listdir(out)) if not f.startswith("events.out.tfevents.")]
+    assert files == [".lock", "config.json", "learning_curves.png", "metrics.csv", "model_params.pt", "result.json",
+                     "training_state.pt"]
     saved = json.load(open(os.path.join(out, "result.json")))
     accs = [a for _, a in saved["history"]]
     assert [i for i, _ in saved["history"]] == [0, 2, 4, 6]
+    rows = read_metrics(os.path.join(out, "metrics.csv"))      # one row per evaluation, as the history
+    assert [(r["iteration"], r["test_accuracy"]) for r in rows] == [tuple(h) for h in saved["history"]]
+    assert math.isnan(rows[0]["train_loss"]) and all(r["train_loss"] > 0 for r in rows[1:])
     assert saved["best_acc"] == max(accs) == result["best_acc"] and saved["iterations"] == 6
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["tasks"] == data[0].tasks and config["num_classes"] == data[0].num_classes

@@ -1,4 +1,5 @@
 """Youtube8M/Trainer.py and Visualizer.py on tiny synthetic data (CPU)."""
+import csv
 import os
 import re
 import shlex
@@ -12,8 +13,10 @@ import torch
 from ignite.engine import Events
 
 from Training import CheckpointError, UserError, load_checkpoint, map_at_k
+from Training.runlog import read_metrics
 from Youtube8M import Trainer, Visualizer
 from conftest import Killed, flip_byte, kill_at
+from test_runlog import read_events
 from Youtube8M.data import TASKS
 from Youtube8M.models import build_model
 from Youtube8M.torch_loader import MultiTask_Dataloader
@@ -38,9 +41,9 @@ def taan_run(data, tmp_path_factory):
     return out, result
 
 
-def evaluate_saved(path, data, name, hidden=8, **kw):
-    """mAP@10 of a saved best model on the whole test split, computed directly."""
-    loaders, num_classes = MultiTask_Dataloader('test', 64, shuffle=False, data_path=data)
+def evaluate_saved(path, data, name, hidden=8, split='test', **kw):
+    """mAP@10 of a saved best model on a whole split, computed directly."""
+    loaders, num_classes = MultiTask_Dataloader(split, 64, shuffle=False, data_path=data)
     model = build_model(name, 1152, hidden, [int(c) for c in num_classes], **kw)
     load_checkpoint(path, {'model': model})
     model.eval()
@@ -64,15 +67,38 @@ def read_results(folder, name):
 
 def test_trainer_end_to_end(taan_run, data):
     out, result = taan_run
-    assert sorted(os.listdir(out)) == ['.lock', 'TAAN-average_mAP%K.txt', 'TAAN-config.json', 'TAAN-task_mAP%K.txt',
-                                       'TAAN-training_state.pt', 'TAAN.pth']
+    files = sorted(os.listdir(out))
+    assert [f for f in files if not f.startswith('events.out.tfevents.')] == [
+        '.lock', 'TAAN-average_mAP%K.txt', 'TAAN-config.json', 'TAAN-task_mAP%K.csv', 'TAAN-task_mAP%K.txt',
+        'TAAN-training_state.pt', 'TAAN.pth', 'learning_curves.png', 'metrics.csv']
     task, mean = read_results(out, 'TAAN')
+    with open(os.path.join(out, 'TAAN-task_mAP%K.csv'), newline='') as f:
+        named = list(csv.reader(f))
+    assert named[0] == ['task', 'mAP@10'] and [r[0] for r in named[1:]] == result['tasks']
+    assert [float(r[1]) for r in named[1:]] == pytest.approx(task, rel=1e-15)
     assert task.shape == (16,) and np.all((task > 0) & (task <= 1))
     assert mean == pytest.approx(task.mean())
     assert result['mAP'] == pytest.approx(mean)
     # the written numbers are those of the saved best model on the whole test split
     expected = evaluate_saved(os.path.join(out, 'TAAN.pth'), data, 'TAAN', basis=4, regularize='distance')
     assert task == pytest.approx(expected, rel=1e-9)
+
+
+def test_run_folder_holds_the_validation_curves(taan_run, data):
+    out, result = taan_run
+    rows = read_metrics(os.path.join(out, 'metrics.csv'))
+    assert [(r['epoch'], r['iteration']) for r in rows] == [(1, 7), (2, 14)]
+    for row in rows:        # the mean over tasks is the mean of the per-task columns
+        per_task = [row[f'valid_task_mAP@10/{name}'] for name in result['tasks']]
+        assert row['valid_mAP@10'] == pytest.approx(np.mean(per_task), rel=1e-12)
+        assert row['train_loss'] > 0
+    best = max(rows, key=lambda r: r['valid_mAP@10'])       # the kept model is the best row's
+    saved = evaluate_saved(os.path.join(out, 'TAAN.pth'), data, 'TAAN', split='valid', basis=4, regularize='distance')
+    assert [best[f'valid_task_mAP@10/{name}'] for name in result['tasks']] == pytest.approx(saved, rel=1e-9)
+    events = read_events(out)
+    assert {step: v for (tag, step), v in events.items() if tag == 'valid/mAP_10'} == pytest.approx(
+        {int(r['iteration']): r['valid_mAP@10'] for r in rows}, rel=1e-6)    # TensorBoard's tag, float32
+    assert os.path.getsize(os.path.join(out, 'learning_curves.png')) > 1000
 
 
 def test_resume_reproduces_uninterrupted_run(data, tmp_path):
@@ -93,6 +119,10 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     for key in a['model']:
         assert torch.equal(a['model'][key], b['model'][key]), key
     assert read_results(full, 'TAAN')[1] == read_results(part, 'TAAN')[1]
+    curves = [[{k: v for k, v in r.items() if k != 'seconds'}
+               for r in read_metrics(os.path.join(folder, 'metrics.csv'))] for folder in (full, part)]
+    assert len(curves[0]) == 3 and curves[0] == curves[1]       # one row per epoch, none twice
+    assert read_events(full) == read_events(part)
 
 
 def test_every_epoch_draws_its_own_batch_order(data):
