@@ -78,7 +78,7 @@ step "Where the time goes (benchmarks/cuda_profile.py)" 60 python3 benchmarks/cu
 wait "$build"      # (a plain `wait` would also wait for the tee above, forever)
 cat "$out/cpp_build.log"
 step "CUDA tests" 150 python3 -m pytest -q -p no:cacheprovider -rs tests \
-  -k "(cuda or gpu or device or triton) and not interpreter_mode"
+  -k "cuda or gpu or device or triton"
 step "main job, 2 epochs on CUDA" 60 python3 -m Youtube8M.run_builtin --max_epoch 2 --device cuda \
   --data_path /tmp/taan_builtin_data --out /tmp/taan_builtin
 step "Omniglot runs at once on CUDA (benchmarks/omniglot_sweep.py)" 90 python3 benchmarks/omniglot_sweep.py \

@@ -1,9 +1,16 @@
+import importlib.util
 import os
 import sys
 
 import h5py
 import pytest
 import torch
+
+# Without a GPU, the optional Triton kernels are tested in Triton's interpreter
+# (tests/test_tal_triton.py). It is chosen when triton is imported: importing torch does not.
+if (importlib.util.find_spec("triton") is not None and "TRITON_INTERPRET" not in os.environ
+        and not torch.cuda.is_available()):
+    os.environ["TRITON_INTERPRET"] = "1"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -1,10 +1,9 @@
 """The Triton kernels of the TAL activation (`Layers._tal_triton`) against the naive formula.
 
 On a CUDA machine with the ``triton`` package these tests run the kernels on the GPU.
-Without a GPU they run in Triton's interpreter on CPU tensors. That needs the triton
-package, which is not a project dependency (a wheel of about 170 MB), and
-TRITON_INTERPRET=1 set before Python starts; `test_interpreter_mode` does that by running
-this file again in a subprocess. So, on any machine:
+Without a GPU they run in Triton's interpreter on CPU tensors: tests/conftest.py sets
+TRITON_INTERPRET=1 before anything imports triton, so each test reports as what it is.
+The triton package is not a project dependency (a wheel of about 170 MB). So, on any machine:
 
     pip install triton==3.7.1          # the version paired with torch 2.13
     python -m pytest -q tests/test_tal_triton.py
@@ -13,8 +12,6 @@ Without triton every test here is skipped with the reason.
 """
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ DEVICE = "cpu" if INTERPRETING else "cuda"
 if not HAVE_TRITON:
     _why = "triton is not installed (optional; see this file's docstring to run these tests)"
 elif not (INTERPRETING or torch.cuda.is_available()):
-    _why = "no CUDA device: the kernels run in Triton's interpreter through test_interpreter_mode"
+    _why = "no CUDA device and TRITON_INTERPRET is not 1 (tests/conftest.py sets it unless it is set otherwise)"
 else:
     _why = None
 needs_kernels = pytest.mark.skipif(_why is not None, reason=_why or "")
@@ -157,15 +154,3 @@ def test_layer_uses_the_kernel_and_matches_the_torch_path(monkeypatch):
     out = layer(x, ids, per_row=True)
     monkeypatch.setattr(_tal_kernel, "_backend", "torch")
     assert torch.allclose(out, layer(x, ids, per_row=True), atol=1e-6, rtol=0)
-
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (optional; see this file's docstring)")
-@pytest.mark.skipif(INTERPRETING, reason="already in Triton's interpreter")
-def test_interpreter_mode():
-    """Runs this file's kernel tests in Triton's interpreter on the CPU."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("TAAN_TAL_BACKEND", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
