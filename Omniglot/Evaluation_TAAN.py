@@ -24,7 +24,8 @@ original did). The file is written whole from the sweep's records (the runs fini
 far), never line by line, so no line is written twice. With --save_models DIR the sweep
 keeps its records in DIR/<reg>/sweep.json and its training state in
 DIR/<reg>/training_state.pt, and every run its best model, config and result in
-DIR/<reg>/TAAN-Lambda-<lambda>-<j+1>/ (for `visualization_full.py`); --resume then
+DIR/<reg>/TAAN-Lambda-<lambda>-<j+1>/ (for `visualization_full.py`), with its metrics.csv,
+learning_curves.png and TensorBoard events (`Training.runlog`); --resume then
 continues an interrupted sweep: finished runs are kept, the runs in training continue from
 the last saved state, and the file ends as an uninterrupted sweep would leave it.
 """
@@ -223,7 +224,8 @@ def run_sweep(args, data=None, device=None, log=print, setup_hook=None):
 
     train_runs(specs, args, data, device, at_once, records, on_record, state_path, args.save_every,
                on_round=Progress(specs, records, args.num_iter, at_once, log), on_best=on_best,
-               stacking=args.stacking, setup_hook=setup_hook, log=print)
+               stacking=args.stacking, setup_hook=setup_hook, log=print,
+               run_folder=(lambda spec: run_folder(args.save_models, reg, spec.lam, spec.repeat)) if folder else None)
     new = {}
     for spec in specs:
         if spec.key not in before:

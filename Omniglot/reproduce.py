@@ -29,6 +29,9 @@ preset, under the project's home folder):
   table.md, table.csv               mean +- sample std (%) per regulariser and lambda, the
                                     difference to none, and the reported numbers beside them
   lambda.png, lambda.pdf            accuracy against lambda, ours beside the reported numbers
+  runs/<reg>/<lambda>/<j>/          every run's metrics.csv, learning_curves.png and TensorBoard
+                                    events (see `Training.runlog`)
+  curves/<reg>-lambda-<lambda>.png  the learning curves of all runs of a regulariser and lambda
   training_state.pt                 the runs in training (removed when they finish)
 
 Resumable: killed at any moment, the same command continues where the last saved state
@@ -54,8 +57,9 @@ from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_onc
 from Omniglot.train import DTYPES, STATE_NAME, load_data
 from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, count, default_path,
                       entry_point, hold_folder, real, resolve_device)
+from Training.runlog import METRICS_NAME, draw_curves, read_metrics
 
-RECORDS_NAME, TABLE_NAME, FIGURE_NAME = "records.json", "table", "lambda"
+RECORDS_NAME, TABLE_NAME, FIGURE_NAME, RUNS_DIR, CURVES_DIR = "records.json", "table", "lambda", "runs", "curves"
 PAPER_ALPHABETS = 50
 # The paper's protocol (SPEC section 6); 'alphabets' None = all alphabets of the data.
 PAPER = {"regularizers": list(results.REGULARIZERS), "lambdas": [0.1, 0.2, 0.3, 0.4], "repeats": 5,
@@ -244,7 +248,29 @@ def write_outputs(args, specs, records, notes, figure=False):
         paths += Figure_wrt_Lambda.plot([(f"Ours: {short}, {kind}", table),
                                          ("Reported by the original (5 runs each)", results.REPORTED)],
                                         os.path.join(args.results_dir, FIGURE_NAME))
+    if figure:
+        paths += draw_run_curves(args.results_dir, specs)
     return paths, md
+
+
+def run_folder(results_dir, spec):
+    """Where a run writes its metrics.csv, curves and TensorBoard events: runs/<reg>/<lambda>/<j>/."""
+    return os.path.join(results_dir, RUNS_DIR, *spec.key.split("/"))
+
+
+def draw_run_curves(results_dir, specs):
+    """curves/<reg>-lambda-<lambda>.png: the curves of the runs of each cell that wrote a metrics.csv."""
+    cells, paths = {}, []
+    for spec in specs:
+        path = os.path.join(run_folder(results_dir, spec), METRICS_NAME)
+        if os.path.isfile(path):
+            cells.setdefault((spec.regularizer, spec.lam), []).append(
+                (f"run {spec.repeat + 1} (seed {spec.seed})", read_metrics(path)))
+    for (reg, lam), curves in cells.items():
+        paths.append(draw_curves(curves, "test_accuracy", os.path.join(results_dir, CURVES_DIR,
+                                                                       f"{reg}-lambda-{lam}.png"),
+                                 f"Omniglot, regulariser {reg}, lambda {lam}: {len(curves)} run(s)"))
+    return paths
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -299,7 +325,7 @@ def reproduce(args, data=None, device=None, log=print, setup_hook=None):
     train_runs(specs, args, (train_data, test_data), device, at_once, records, on_record,
                os.path.join(args.results_dir, STATE_NAME), args.save_every,
                on_round=Progress(specs, records, args.num_iter, at_once, log), stacking=stacking,
-               setup_hook=setup_hook, log=log)
+               setup_hook=setup_hook, log=log, run_folder=lambda spec: run_folder(args.results_dir, spec))
     paths, md = write_outputs(args, specs, records, notes, figure=True)
     log("\n" + md)
     log(f"Files: {', '.join(os.path.relpath(p, args.results_dir) for p in paths)} and {RECORDS_NAME} in "

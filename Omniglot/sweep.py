@@ -37,6 +37,7 @@ from Omniglot.TAAN import build_model
 from Omniglot.train import DTYPES, EvalBatches, TrainSampler
 from Training import (Experiment, UserError, read_checkpoint, remove_stale_temporaries, restore, seed_everything,
                       training_state_checkpoint)
+from Training.runlog import RunLog
 from Training.trainer import Settings, check_settings, create_evaluator, create_trainer
 
 # settings every run of a group shares (the rest of a run is its RunSpec)
@@ -118,21 +119,33 @@ class RunAccuracies(Metric):
 class _Run:
     """The state of one run of a group: its sampler, early stopping and history."""
 
-    def __init__(self, spec, sampler, patience):
+    def __init__(self, spec, sampler, patience, folder=None):
         self.spec, self.sampler = spec, sampler
         self.score, self.history = None, []
+        self.log, self.losses = RunLog(folder, "test_accuracy"), []      # the run's metrics.csv and curves
         self.stop = Engine(lambda engine, batch: None)      # EarlyStopping terminates this one
         self.early_stopping = EarlyStopping(patience, lambda _: self.score, self.stop)
         self.early_stopping.logger = QUIET      # a run that stops is reported by the sweep
 
     def state_dict(self):
         return {"sampler": self.sampler.state_dict(), "early_stopping": self.early_stopping.state_dict(),
-                "history": [[int(i), float(a)] for i, a in self.history]}
+                "history": [[int(i), float(a)] for i, a in self.history], "log": self.log.state_dict()}
 
     def load_state_dict(self, state):
         self.sampler.load_state_dict(state["sampler"])
         self.early_stopping.load_state_dict(state["early_stopping"])
         self.history = [(int(i), float(a)) for i, a in state["history"]]
+        if "log" in state:      # saved before the runs kept their metrics
+            self.log.load_state_dict(state["log"])
+
+    def evaluated(self, epoch, iteration, accuracy):
+        """Note an evaluation: the history, and the row of metrics.csv with the mean training loss
+        since the previous one (the state is saved after evaluations only, so no loss is kept in it)."""
+        self.score = accuracy
+        self.history.append((iteration, accuracy))
+        loss = sum(self.losses) / len(self.losses) if self.losses else None
+        self.losses = []
+        self.log.add(epoch, iteration, loss, {"test_accuracy": accuracy})
 
     def record(self, iteration):
         """What a finished run leaves: the fields of train.py's result.json and its spec."""
@@ -150,7 +163,7 @@ class RunGroup(Experiment):
     score = "accuracy"
     eval_split = "test"
 
-    def __init__(self, specs, args, data, device, stacking):
+    def __init__(self, specs, args, data, device, stacking, run_folder=None):
         super().__init__(args)
         self.train_data, self.test_data = data
         self.dtype = DTYPES[args.dtype]
@@ -163,8 +176,8 @@ class RunGroup(Experiment):
         self.stacking = stacking
         self.net = build_runs(models, [spec.lam for spec in specs], stacking)      # on the models' device and dtype
         self.optimizer = self.net.make_optimizer(args.lr)
-        self.runs = [_Run(spec, TrainSampler(self.train_data, args.batch, spec.seed), args.early_stop)
-                     for spec in specs]
+        self.runs = [_Run(spec, TrainSampler(self.train_data, args.batch, spec.seed), args.early_stop,
+                          run_folder(spec) if run_folder is not None else None) for spec in specs]
         self.task_ids = self.train_data.all_task_ids(args.batch)
         self.keys = [spec.key for spec in specs]
 
@@ -174,9 +187,9 @@ class RunGroup(Experiment):
         return x.to(self.dtype), y
 
     def loss(self, net, inputs):
-        """Sum over the runs of each run's multitask loss, every run on its own batch."""
+        """Each run's multitask loss, every run on its own batch ([R]; the trainer minimises the sum)."""
         x, y = inputs
-        return net.run_losses(x, y, self.task_ids).sum()
+        return net.run_losses(x, y, self.task_ids)
 
     def eval_step(self, net, batch):
         x, y, ids = batch
@@ -205,14 +218,16 @@ def _settings(args):
 
 
 def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_round=None, on_best=None,
-                on_finish=None, stacking=None, setup_hook=None, log=print):
+                on_finish=None, stacking=None, setup_hook=None, log=print, run_folder=None):
     """Train the runs of `specs` at once, resuming from `state_path` when it holds this group.
+    run_folder(spec): the folder where a run writes its metrics.csv, learning_curves.png and
+    TensorBoard events (`Training.runlog`; None: nothing).
 
     on_finish(spec, record, state) is called when a run ends (state(): its network as a TAAN
     state_dict); on_best(spec, state) when a run's accuracy improves; on_round(group,
     iteration) after every evaluation round; `stacking` how the runs are computed (see
     `Omniglot.stack`; None: the device's default). `setup_hook(trainer)` may add handlers (tests)."""
-    group = RunGroup(specs, args, data, device, stacking or default_stacking(device))
+    group = RunGroup(specs, args, data, device, stacking or default_stacking(device), run_folder)
     net = group.net
     trainer = create_trainer(net, group.optimizer, group.loss, regularization=net.regularization,
                              prepare=group.prepare, compile_on=device if getattr(args, "compile", False) else None)
@@ -231,7 +246,12 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
             run = group.runs[slot]
             if on_finish is not None:
                 on_finish(run.spec, run.record(iteration), lambda s=slot: net.run_state_dict(s))
+            run.log.close()
         group.drop(slots)
+
+    def note_losses(engine):
+        for run, loss in zip(group.runs, engine.state.output):
+            run.losses.append(loss)
 
     def evaluate(engine):
         evaluator.run(eval_batches)
@@ -239,8 +259,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
         done = []
         for slot, (run, accuracy) in enumerate(zip(group.runs, evaluator.state.metrics[group.score])):
             before = run.early_stopping.best_score
-            run.score = accuracy
-            run.history.append((iteration, accuracy))
+            run.evaluated(engine.state.epoch, iteration, accuracy)
             run.early_stopping(evaluator)
             if on_best is not None and (before is None or accuracy > before):
                 on_best(run.spec, lambda s=slot: net.run_state_dict(s))
@@ -255,6 +274,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
             checkpoint(engine)      # after the round: the state holds its results
             saved_at[0] = time.monotonic()
 
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, note_losses)        # before an evaluation
     trainer.add_event_handler(Events.STARTED, lambda e: evaluate(e) if e.state.iteration == 0 else None)
     trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.test_interval), evaluate)
     trainer.add_event_handler(Events.COMPLETED, lambda e: finish(range(len(group.runs)), e.state.iteration))
@@ -275,14 +295,18 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
         remove_stale_temporaries(os.path.dirname(os.path.abspath(state_path)))
     if setup_hook is not None:
         setup_hook(trainer)
-    if group.runs:
-        trainer.run(None, max_epochs=1, epoch_length=args.num_iter)
+    try:
+        if group.runs:
+            trainer.run(None, max_epochs=1, epoch_length=args.num_iter)
+    finally:
+        for run in group.runs:      # killed: what the runs in training logged so far stays readable
+            run.log.close(draw=False)
     if state_path and os.path.isfile(state_path):
         os.remove(state_path)
 
 
 def train_runs(specs, args, data, device, runs_at_once, records, on_record, state_path=None, save_every=0.0,
-               on_round=None, on_best=None, stacking=None, setup_hook=None, log=print):
+               on_round=None, on_best=None, stacking=None, setup_hook=None, log=print, run_folder=None):
     """Train every run of `specs` that has no record in `records` (a dict key -> record),
     `runs_at_once` at a time: the list is cut in its order into groups of that size, and a
     group with an unrecorded run is trained (all its runs, so that each run always has the
@@ -295,7 +319,7 @@ def train_runs(specs, args, data, device, runs_at_once, records, on_record, stat
         if all(spec.key in records for spec in group):
             continue
         train_group(group, args, data, device, state_path, save_every, on_round, on_best, on_record, stacking,
-                    setup_hook, log)
+                    setup_hook, log, run_folder)
     if state_path and os.path.isfile(state_path):     # left by a kill after the last record of its group
         os.remove(state_path)
 

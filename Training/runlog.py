@@ -47,10 +47,9 @@ def read_metrics(path):
 def draw_curves(curves, score, path, title=''):
     """One figure of the training loss (left) and `score` (right) against the iteration, a line per
     (label, rows) in `curves`; written atomically as PNG."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 3.4))
+    left, right = fig.subplots(1, 2)
     for label, rows in curves:
         steps = [r['iteration'] for r in rows]
         left.plot(steps, [r.get('train_loss', math.nan) for r in rows], marker='.', label=label)
@@ -65,7 +64,6 @@ def draw_curves(curves, score, path, title=''):
         fig.suptitle(title, fontsize='medium')
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=90)
-    plt.close(fig)
     return path
 
 

@@ -250,11 +250,13 @@ def compile_step(fn, device):
 def create_trainer(model, optimizer, loss_fn, regularization=None, after_step=None, prepare=None,
                    compile_on=None):
     """Engine whose step minimises loss_fn(model, prepare(batch)) + regularization() and
-    returns the task loss as a float; after_step(iteration) runs after every optimizer step.
-    compile_on: a device to compile the loss and its backward pass for (None: eager)."""
+    returns the task loss as a float (a loss vector, one entry per run of a group trained at once:
+    its sum is minimised and the step returns the list); after_step(iteration) runs after every
+    optimizer step. compile_on: a device to compile the loss and its backward pass for (None: eager)."""
     def objective(model, inputs):
         loss = loss_fn(model, inputs)
-        return loss, (loss + regularization() if regularization is not None else loss)
+        total = loss if loss.dim() == 0 else loss.sum()
+        return loss, (total + regularization() if regularization is not None else total)
 
     if compile_on is not None:
         objective = compile_step(objective, compile_on)
@@ -267,7 +269,7 @@ def create_trainer(model, optimizer, loss_fn, regularization=None, after_step=No
         optimizer.step()
         if after_step is not None:
             after_step(engine.state.iteration)
-        return loss.item()
+        return loss.item() if loss.dim() == 0 else loss.tolist()
     return quiet_engine(step)
 
 

@@ -11,6 +11,8 @@ Output in --out OUT (default results/youtube8m_reproduce/<preset> of the project
   OUT/table.md    mean test mAP@10 (mean +- sample std over the seeds), parameters,
                   seconds per training step, peak memory of the run
   OUT/table.csv   the same, with every seed's mAP@10 and every task's mean mAP@10
+  OUT/curves/<row>.png   the validation curves of the row's seeds in one picture
+  OUT/runs/<row>/seed<k>/   each run's folder (Youtube8M.Trainer's files, metrics.csv included)
 
 Presets (the rows' own flags -- TAAN's basis 64 and constant 0.1, MRN's task covariance
 only, DMTRL's method -- are those of the original README's commands in both):
@@ -38,6 +40,8 @@ import numpy as np
 
 from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, count,
                       default_path, entry_point, hold_folder)
+from Training.runlog import METRICS_NAME, draw_curves, read_metrics
+from Youtube8M.Trainer import METRIC
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.datafolder import read_data_folder
 
@@ -201,7 +205,7 @@ def reproduce(args, folder, formulas):
     for label, flags in ROWS:
         if args.rows and label not in args.rows:
             continue
-        records = []
+        records, curves = [], []
         for seed in range(args.seeds):
             run_folder = os.path.join(args.out, 'runs', slug(label), f'seed{seed}')
             argv_ = run_argv(args, label, flags, seed, run_folder)
@@ -214,7 +218,12 @@ def reproduce(args, folder, formulas):
             else:
                 print(f'{label}, seed {seed}: done before (mAP@10 {record["mAP"]:.4f})')
             records.append(record)
+            if os.path.isfile(os.path.join(run_folder, METRICS_NAME)):
+                curves.append((f'seed {seed}', read_metrics(os.path.join(run_folder, METRICS_NAME))))
         rows.append((label, records))
+        if curves:
+            draw_curves(curves, f'valid_{METRIC}', os.path.join(args.out, 'curves', f'{slug(label)}.png'),
+                        f'Youtube-8M, {label}: {len(curves)} seed(s)')
     lines = write_table(args, rows, folder, formulas, time.time() - start)
     print('\n' + '\n'.join(lines))
     print(f'\nWritten: {os.path.join(args.out, "table.md")}, {os.path.join(args.out, "table.csv")}')

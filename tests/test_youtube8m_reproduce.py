@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from Training import UserError, count_parameters
+from Training.runlog import read_metrics
 from Youtube8M import reproduce
 from Youtube8M.models import build_model
 
@@ -67,6 +68,10 @@ def test_table_from_records_and_resume(data, tmp_path, capsys, monkeypatch):
     assert rows[0][:3] == ['row', 'seed 0 mAP@10', 'seed 1 mAP@10'] and len(rows[0]) == 8 + 16
     assert [r[0] for r in rows[1:]] == ['Hard3', 'TAAN + cosine']
     assert float(rows[2][1]) == pytest.approx(records['TAAN + cosine'][0]['mAP'], abs=1e-6)
+    assert sorted(os.listdir(os.path.join(out, 'curves'))) == ['Hard3.png', 'TAAN_cosine.png']
+    for seed in (0, 1):     # each run folder holds its validation curve: the 1 epoch's row
+        (row,) = read_metrics(os.path.join(out, 'runs', 'Hard3', f'seed{seed}', 'metrics.csv'))
+        assert (row['epoch'], row['train_loss'] > 0, 0 < row['valid_mAP@10'] <= 1) == (1, True, True)
     # re-run: finished runs are kept; a run without its record continues from its training state
     os.remove(os.path.join(out, 'runs', 'TAAN_cosine', 'seed1', 'record.json'))
     capsys.readouterr()
