@@ -22,7 +22,7 @@ Files (in --out, default results/omniglot_builtin/ under the project's home fold
   Results-TAAN-Omniglot-<reg>.txt   the sweep's lines, in the original's format
   lambda.png, lambda.pdf            accuracy against lambda
   matrices/                         task distance matrices (PNG and PDF)
-  models/<reg>/TAAN-Lambda-<lambda>-<run>/   best model, training state, config, result
+  models/<reg>/TAAN-Lambda-<lambda>-<run>/   best model, config, result, learning curves
   run_builtin.json                  the settings of the job
 
 A new job starts fresh result files: the four Results-TAAN-Omniglot-<reg>.txt and the
@@ -197,7 +197,8 @@ def main(argv=None):
     for reg in args.regularizers:
         print(f"  {os.path.basename(results.results_path(args.out, reg))}")
     print("  " + ", ".join(os.path.relpath(f, args.out) for f in figure + matrices))
-    print("  models/<regulariser>/TAAN-Lambda-<lambda>-<run>/ (best models; see visualization_full.py)")
+    print("  models/<regulariser>/TAAN-Lambda-<lambda>-<run>/ (best models, see visualization_full.py; learning "
+          "curves: metrics.csv, learning_curves.png, TensorBoard events)")
     print(f"Done in {time.time() - start:.0f} s.")
     return {"table": table, "figure": figure, "matrices": matrices}
 

@@ -23,6 +23,7 @@ from sklearn.metrics import adjusted_rand_score
 from Layers.DMTRL_pytorch import METHODS
 from Layers.TAL_pytorch import PAPER_REGULARIZERS
 from Training import ArgumentParser, add_bool_argument, count, default_path, entry_point, real
+from Training.runlog import CURVES_NAME, METRICS_NAME
 from Youtube8M import Trainer, Visualizer
 from Youtube8M.data import DEFAULT_DATA_PATH
 from Youtube8M.models import MODELS
@@ -125,7 +126,9 @@ def main(argv=None):
     print('\nFiles:')
     for model, r in results.items():
         print(f'  {model}: {os.path.dirname(r["paths"]["best"])}  (best model {os.path.basename(r["paths"]["best"])}, '
-              f'results {os.path.basename(r["paths"]["task"])}, {os.path.basename(r["paths"]["average"])})')
+              f'results {os.path.basename(r["paths"]["task"])}, {os.path.basename(r["paths"]["task_csv"])}, '
+              f'{os.path.basename(r["paths"]["average"])}; curves {METRICS_NAME}, {CURVES_NAME} and TensorBoard '
+              'events)')
     if figures:
         print('  heat maps and clusters: ' + ', '.join(os.path.basename(f) for f in figures['files']))
     return {'results': results, 'figures': figures}

@@ -1,4 +1,4 @@
-"""Checks of the Documents/ folder: the bibliography and the figure script."""
+"""Checks of the Documents/ folder: the bibliography, the figure script and the links between the pages."""
 import re
 import subprocess
 import sys
@@ -116,3 +116,79 @@ def test_ci_runs_exactly_the_readme_test_command():
     install = [part.strip() for part in setup.split("&&") if part.strip().startswith("pip install")]
     assert install == ['pip install -e ".[dev]"']
     assert [line.replace(" -q", "") for line in ci_lines if line.startswith("pip install")] == install
+
+
+# --- relative links in README.md and Documents/*.md -------------------------------------------
+
+FENCE = re.compile(r"^ {0,3}(```|~~~).*?^ {0,3}\1[^\n]*$", flags=re.S | re.M)
+INLINE_CODE = re.compile(r"(`+).+?\1", flags=re.S)
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.+?)[ \t#]*$", flags=re.M)
+
+
+def github_anchor(heading):
+    """GitHub's anchor of a heading: lowercase, punctuation except '-' and '_' dropped,
+    each space turned into '-' (inline code marks and link syntax count as punctuation)."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading.strip())   # [text](url) -> text
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(markdown):
+    """Every anchor the headings of a markdown text define; repeats get -1, -2, ... as on GitHub."""
+    seen, out = {}, set()
+    for heading in HEADING.findall(FENCE.sub("", markdown)):
+        base = github_anchor(heading)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def links(markdown):
+    """The targets of the markdown links and images of a text, outside code blocks and code spans."""
+    return LINK.findall(INLINE_CODE.sub("", FENCE.sub("", markdown)))
+
+
+def broken_links(path):
+    """The relative links of the markdown file `path` whose file is missing, or whose #anchor names
+    no heading of the markdown file it points into."""
+    text = path.read_text(encoding="utf-8")
+    broken = []
+    for target in links(text):
+        if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*:", target):        # http:, https:, mailto:, ...
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / file_part).resolve() if file_part else path
+        if not dest.exists():
+            broken.append(f"{target}: no file {dest}")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest.read_text(encoding="utf-8")):
+            broken.append(f"{target}: no heading '{anchor}' in {dest.name}")
+    return broken
+
+
+def test_github_anchor_rule():
+    assert github_anchor("Quick start") == "quick-start"
+    assert github_anchor("Installing, commands and folders") == "installing-commands-and-folders"
+    assert github_anchor("The paper's whole figure: one command") == "the-papers-whole-figure-one-command"
+    assert github_anchor("TAL: the TAAN layer") == "tal-the-taan-layer"
+    assert github_anchor("Youtube-8M") == "youtube-8m"
+    assert github_anchor("`TAL_Linear` and [MRN](x.md)") == "tal_linear-and-mrn"
+
+
+def test_link_checker_finds_broken_links(tmp_path):
+    (tmp_path / "other.md").write_text("# Other page\n\n## A, b: c\n\n```\n# not a heading\n```\n")
+    (tmp_path / "fig.png").write_bytes(b"")
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## Part two\n\n"
+                    "[ok](other.md) [ok](other.md#a-b-c) [ok](#part-two) ![ok](fig.png) [web](https://x.org/a#b)\n"
+                    "[bad](missing.md) [bad](other.md#not-a-heading) [bad](#nowhere) `[code](missing2.md)`\n"
+                    "```\n[code](missing3.md)\n```\n")
+    assert [b.split(":")[0] for b in broken_links(page)] == ["missing.md", "other.md#not-a-heading", "#nowhere"]
+
+
+def test_relative_links_in_readme_and_documents_resolve():
+    pages = [ROOT / "README.md"] + sorted(DOCS.glob("*.md"))
+    assert len(pages) >= 4
+    assert len(links((ROOT / "README.md").read_text(encoding="utf-8"))) >= 10
+    broken = {str(p.relative_to(ROOT)): broken_links(p) for p in pages}
+    assert {k: v for k, v in broken.items() if v} == {}
