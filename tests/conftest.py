@@ -17,6 +17,28 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+@pytest.fixture(autouse=True)
+def quick_curves(request, monkeypatch):
+    """A run's learning_curves.png costs about 0.15 s of matplotlib, and the suite trains hundreds of
+    tiny runs: outside the tests that ask for `real_curves` (those of the pictures themselves), a run
+    ends with a one-pixel PNG in its place. Everything else a run writes is real."""
+    if "real_curves" in request.fixturenames:
+        return
+    from PIL import Image
+
+    from Training import atomic_write, runlog
+
+    def one_pixel(curves, score, path, title=""):
+        atomic_write(path, lambda tmp: Image.new("L", (1, 1)).save(tmp, format="PNG"))
+        return path
+    monkeypatch.setattr(runlog, "draw_curves", one_pixel)
+
+
+@pytest.fixture
+def real_curves():
+    """Runs draw their real learning_curves.png (see `quick_curves`)."""
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For modules of tiny models: one thread is fastest and leaves the shared cores alone."""

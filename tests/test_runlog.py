@@ -34,7 +34,7 @@ def test_metric_columns_name_every_number():
     assert metric_columns('test', {'acc': [1, 0]}) == {'test_acc/0': 1.0, 'test_acc/1': 0.0}
 
 
-def test_rows_reach_csv_and_tensorboard_and_a_resume_holds_no_row_twice(tmp_path):
+def test_rows_reach_csv_and_tensorboard_and_a_resume_holds_no_row_twice(tmp_path, real_curves):
     folder = str(tmp_path)
     log = RunLog(folder, 'valid_mAP')
     log.add(1, 10, None, {'valid_mAP': 0.25})

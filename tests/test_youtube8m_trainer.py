@@ -98,7 +98,7 @@ def test_run_folder_holds_the_validation_curves(taan_run, data):
     events = read_events(out)
     assert {step: v for (tag, step), v in events.items() if tag == 'valid/mAP_10'} == pytest.approx(
         {int(r['iteration']): r['valid_mAP@10'] for r in rows}, rel=1e-6)    # TensorBoard's tag, float32
-    assert os.path.getsize(os.path.join(out, 'learning_curves.png')) > 1000
+    assert os.path.isfile(os.path.join(out, 'learning_curves.png'))        # drawn: tests/test_runlog.py
 
 
 def test_resume_reproduces_uninterrupted_run(data, tmp_path):
