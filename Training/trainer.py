@@ -362,6 +362,7 @@ def _training(experiment, args, device, result, setup_hook, log):
         return float(engine.state.metrics[experiment.score])
 
     early_stopping = EarlyStopping(patience=args.early_stop, score_function=score, trainer=trainer)
+    early_stopping.logger.setLevel(logging.WARNING)     # no timestamped INFO line: the run says "Stopped early"
     evaluator.add_event_handler(Events.COMPLETED, early_stopping)
     history, losses = History(), LossMean(trainer)
     runlog = RunLog(args.saveto if paths else None, f'{experiment.eval_split}_{experiment.score}',

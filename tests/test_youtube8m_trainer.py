@@ -101,6 +101,15 @@ def test_run_folder_holds_the_validation_curves(taan_run, data):
     assert os.path.isfile(os.path.join(out, 'learning_curves.png'))        # drawn: tests/test_runlog.py
 
 
+def test_an_early_stop_is_one_plain_line(data, capfd):
+    """Ignite's EarlyStopping used to add its own timestamped INFO line to the log."""
+    args = ['--model', 'Hard3', '--max_epoch', '4', '--early_stop', '1', '--data_path', data] + TINY
+    result = Trainer.main(args + ['--lr', '1e-12'])         # nothing learnt: no higher score after epoch 1
+    out, err = capfd.readouterr()
+    assert result['epochs'] == 2 and 'Stopped early: 1 evaluations without a higher mAP@10.' in out
+    assert 'INFO' not in out + err and not re.search(r'^\d{4}-\d\d-\d\d ', out + err, re.M), out + err
+
+
 def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     args = ['--model', 'TAAN', '--regularize', 'distance', '--max_epoch', '3', '--early_stop', '5',
             '--data_path', data] + TINY
