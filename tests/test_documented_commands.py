@@ -59,6 +59,7 @@ HOW = {
                                                  "checked in tests/test_runlog.py",
     "python -m Youtube8M.run_builtin": ["--out", "results/builtin", "--basis", "4"] + Y8M,
     "python -m pytest -q tests": "the test command itself: this test runs inside it",
+    "bash .ci/run": "the CI entry point: the install above in a fresh environment, then the test command",
     "python -m Omniglot.run_builtin": ["--data_root", "data/omniglot_builtin", "--out", "results/omniglot_builtin",
                                        "--alphabets", "3", "--drawers", "4", "--min_chars", "2", "--max_chars", "3",
                                        "--lambdas", "0.1", "--repeats", "1", "--num_iter", "2", "--test_interval", "1",
