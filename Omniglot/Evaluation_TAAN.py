@@ -8,7 +8,7 @@ trained --repeats times (default 5; basis 32, lr 1e-5, 5 images per alphabet per
 iteration, test every 100 iterations, stop after 100 evaluations without gain or 15000
 iterations; see `Omniglot/train.py`) and the best test accuracy of each run is written to
 RESULTS_DIR/Results-TAAN-Omniglot-<reg>.txt (default results/omniglot under the project's
-home folder, see README) in the original's format:
+home folder, see README "Installing, commands and folders") in the original's format:
 
     ---------------Lambda = 0.100000.---------------
     Experiment 1, ACC: 0.8554.

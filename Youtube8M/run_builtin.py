@@ -13,7 +13,8 @@
 5. prints the mean test mAP@10 of every model and where the files are.
 
 Every trainer flag can be changed here (see --help); the results of model M go to
---out/M (default results/builtin/M under the project's home folder, see README).
+--out/M (default results/builtin/M under the project's home folder, see README
+"Installing, commands and folders").
 """
 import json
 import os
