@@ -3,7 +3,7 @@
     python -m Omniglot.reproduce --data_root data/omniglot                  # the paper's protocol
     python -m Omniglot.reproduce --data_root data/omniglot --preset quick   # its shape, ~20 min on 2 CPU cores
 
-Runs the figure's protocol (SPEC section 6): 'none' --repeats times (lambda 0), and each of
+Runs the figure's protocol (README, "The paper's whole figure"): 'none' --repeats times (lambda 0), and each of
 tracenorm, distance and cosine at every lambda (0.1 0.2 0.3 0.4) --repeats times (5);
 repeat j uses seed --seed + j for every lambda, as `Evaluation_TAAN.py`. Every run is the
 run of `train.py` (basis 32, lr 1e-5, 5 images per alphabet per iteration, test every 100
@@ -61,7 +61,7 @@ from Training.runlog import METRICS_NAME, draw_curves, read_metrics
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME, RUNS_DIR, CURVES_DIR = "records.json", "table", "lambda", "runs", "curves"
 PAPER_ALPHABETS = 50
-# The paper's protocol (SPEC section 6); 'alphabets' None = all alphabets of the data.
+# The paper's protocol (README, "Training and the lambda sweep"); 'alphabets' None = all alphabets of the data.
 PAPER = {"regularizers": list(results.REGULARIZERS), "lambdas": [0.1, 0.2, 0.3, 0.4], "repeats": 5,
          "alphabets": None, "basis": 32, "lr": 1e-5, "batch": 5, "num_iter": 15000, "test_interval": 100,
          "early_stop": 100}
@@ -207,7 +207,7 @@ def render_table(rows, formulas, protocol, data_line):
     """table.md and table.csv (texts)."""
     md = ["# Omniglot: TAAN best test accuracy (%), mean +- sample std over the runs", "",
           f"- Formulas: {formulas}.", f"- Protocol: {protocol}.", f"- Data: {data_line}.",
-          "- Reported: the numbers the original reports (5 runs each; SPEC section 7).", "",
+          "- Reported: the numbers the original reports (5 runs each; README, Results).", "",
           "| regulariser | lambda | runs | ours | ours - none | reported | reported - none |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for reg, lam, n, mean, std, diff, r_mean, r_std, r_diff in rows:

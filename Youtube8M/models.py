@@ -1,4 +1,4 @@
-"""Multi-task models for the Youtube-8M video-level experiment (SPEC section 5).
+"""Multi-task models for the Youtube-8M video-level experiment (README, "Youtube-8M").
 
 Every model maps one batch per task to one batch of logits per task:
 
@@ -8,7 +8,7 @@ All models have three hidden layers of width `hidden_feature` with ReLU (no batc
 no dropout, as in the original code) and one `nn.Linear(hidden_feature, C_t)` head per
 task. Weights use `nn.Linear`'s default initialisation unless a docstring says otherwise.
 
-A training step (SPEC 5) is
+A training step (README, "Trainer command line") is
 
     total, per_task = multitask_loss(model(xs), ys)      # mean over tasks of BCE * C_t
     loss = total + model.regularization(c)                 # once per step, not per task
@@ -392,7 +392,7 @@ class MMoE(MultiTaskModel):
 
 
 class TAAN(MultiTaskModel):
-    """Task Adaptive Activation Network: three TAL_Linear layers (SPEC 1).
+    """Task Adaptive Activation Network: three TAL_Linear layers (README, "TAL: the TAAN layer").
 
         a = W h + b,   h' = relu(a) + sum_m alpha[t, m] relu(basis_m - a)
 
@@ -458,7 +458,7 @@ def build_model(name, in_features, hidden_feature, num_classes, *, basis=24, reg
 
 
 def multitask_loss(logits, labels):
-    """SPEC 5: L_t = C_t * mean over the batch and classes of BCE-with-logits(logits_t, y_t)
+    """L_t = C_t * mean over the batch and classes of BCE-with-logits(logits_t, y_t)
     (a sum over classes, mean over the batch); total = sum_t L_t / T.
     Returns (total, [L_1, ..., L_T])."""
     if len(logits) != len(labels) or not logits:

@@ -192,3 +192,14 @@ def test_relative_links_in_readme_and_documents_resolve():
     assert len(links((ROOT / "README.md").read_text(encoding="utf-8"))) >= 10
     broken = {str(p.relative_to(ROOT)): broken_links(p) for p in pages}
     assert {k: v for k, v in broken.items() if v} == {}
+
+
+def test_no_file_cites_a_document_the_repository_does_not_hold():
+    """Files (and the table Omniglot.reproduce writes) cited sections of a specification that users
+    cannot read; they cite README sections."""
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    citing = [name for name in files if name.endswith((".py", ".md", ".sh", ".toml", ".txt"))
+              and re.search(r"\bSPEC\b", (ROOT / name).read_text(encoding="utf-8"))]
+    assert citing == []

@@ -51,7 +51,8 @@ def test_conv_regularization_uses_flattened_kernels():
 
 
 def reference_g(S):
-    """SPEC 3, written out: SVD, s -> 1/s if s > 0.1 else s, rebuild, clip the trace to 3000."""
+    """The original's precision update, written out: SVD, s -> 1/s if s > 0.1 else s, rebuild, clip the
+    trace to 3000."""
     U, s, Vh = torch.linalg.svd(S)
     s = torch.tensor([1.0 / v if v > 0.1 else v for v in s.tolist()], dtype=S.dtype)
     P = U @ torch.diag(s) @ Vh

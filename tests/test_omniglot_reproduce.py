@@ -380,7 +380,8 @@ def test_reproduce_writes_results_table_and_figure_from_its_records(uninterrupte
         if row["regularizer"] != "none":
             assert float(row["mean_minus_none"]) == pytest.approx(mean - sum(none) / 2, abs=1e-4)
         assert (row["formulas"], row["protocol"]) == ("original", "not the paper's")
-    # the reported numbers beside ours are SPEC section 7's, by hand: (83.68 + 85.60 + 84.17 + 83.58 + 83.53) / 5
+    # the reported numbers beside ours are the original's (README, Results), by hand:
+    # (83.68 + 85.60 + 84.17 + 83.58 + 83.53) / 5
     reported = {(row["regularizer"], row["lambda"]): row for row in rows}
     assert float(reported["none", "0"]["reported_mean"]) == pytest.approx(84.112, abs=1e-4)
     assert float(reported["distance", "0.3"]["reported_mean"]) == pytest.approx(86.724, abs=1e-4)

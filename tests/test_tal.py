@@ -409,7 +409,7 @@ def test_inner_products_and_cosine_match_monte_carlo(mc):
 
 
 def original_formulas(alpha, basis):
-    """The original code's LossDis / LossCosine transcribed from SPEC 2 with c0 = 0.4."""
+    """The original code's LossDis / LossCosine, transcribed, with c0 = 0.4."""
     Phi = lambda x: 0.5 * (1 + torch.erf(x / math.sqrt(2)))  # noqa: E731
     M = basis.shape[1]
     B, Bt = basis.repeat(M, 1), basis.t().repeat(1, M)
