@@ -32,8 +32,6 @@ the last saved state, and the file ends as an uninterrupted sweep would leave it
 import os
 from types import SimpleNamespace
 
-import numpy as np
-
 from Layers.TAL_pytorch import layer_regularizer
 from Omniglot import results
 from Omniglot.stack import STACKINGS
@@ -42,7 +40,7 @@ from Omniglot.TAAN import build_model
 from Omniglot.train import (BEST_NAME, CONFIG_NAME, RESULT_NAME, STATE_NAME, add_training_arguments, check_args,
                             load_data)
 from Training import (ArgumentParser, UserError, atomic_torch_save, atomic_write_json, atomic_write_text, count,
-                      count_parameters, default_path, entry_point, real, resolve_device)
+                      count_parameters, default_path, entry_point, format_mean_std, mean_std, real, resolve_device)
 
 DEFAULT_LAMBDAS = (0.1, 0.2, 0.3, 0.4)
 SWEEP_NAME = "sweep.json"    # with --save_models: the sweep's records, in DIR/<reg>/
@@ -137,13 +135,10 @@ def render(prefix, specs, records):
 def summary_lines(reg, accs_by_lambda):
     lines = []
     for lam, accs in sorted(accs_by_lambda.items()):
-        a = 100 * np.asarray(accs)
-        std = a.std(ddof=1) if a.size > 1 else 0.0
-        line = f"  {reg:9s} lambda {lam:.2f}: {a.mean():6.2f} +- {std:5.2f} % over {a.size} run(s)"
+        line = f"  {reg:9s} lambda {lam:.2f}: {format_mean_std(*mean_std(accs, 100))} % over {len(accs)} run(s)"
         reported = results.REPORTED.get(reg, {}).get(round(lam, 6))
         if reported:
-            r = 100 * np.asarray(reported)
-            line += f"   (original reports {r.mean():.2f} +- {r.std(ddof=1):.2f} %)"
+            line += f"   (original reports {format_mean_std(*mean_std(reported, 100))} %)"
         lines.append(line)
     return lines
 

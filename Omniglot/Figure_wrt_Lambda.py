@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from Omniglot.results import REPORTED, load_results_dir
-from Training import ArgumentParser, UserError, atomic_savefig, default_path, entry_point
+from Training import ArgumentParser, UserError, atomic_savefig, default_path, entry_point, mean_std
 
 RESULTS_DIR = default_path("results", "omniglot")
 
@@ -28,11 +28,6 @@ CURVES = [("cosine", r"$\mathcal{L}_{Cos}$", "tab:blue"),
           ("tracenorm", r"$\mathcal{L}_{TN}$", "tab:green")]
 NONE_LABEL, NONE_COLOUR = r"No $\mathcal{L}_{MTL}$", "tab:red"
 
-
-def mean_std(accs):
-    """Mean and sample standard deviation (ddof=1; 0 for one run) of accuracies, in %."""
-    a = 100.0 * np.asarray(accs, dtype=float)
-    return a.mean(), (a.std(ddof=1) if a.size > 1 else 0.0)
 
 
 def _baseline(results):
@@ -59,10 +54,10 @@ def draw_panel(ax, results, title):
     step = 0.04 * (min(np.diff(lams)) if len(lams) > 1 else 0.1)
     for i, (points, label, colour) in enumerate(curves):
         x = [lam + (i - (len(curves) - 1) / 2) * step for lam, _ in points]
-        m, s = zip(*(mean_std(accs) for _, accs in points))
+        m, s = zip(*(mean_std(accs, 100) for _, accs in points))    # one run: no error bar
         ax.errorbar(x, m, yerr=s, fmt="-*", lw=2.5, ms=9, capsize=6, color=colour, label=label)
     if base:
-        m, s = mean_std(base)
+        m, s = mean_std(base, 100)
         ax.axhline(m, color=NONE_COLOUR, lw=1, ls="--", alpha=0.6)
         ax.errorbar([0.0], [m], yerr=[s], fmt="*", ms=11, lw=2.5, capsize=6,
                     color=NONE_COLOUR, label=NONE_LABEL)

@@ -44,6 +44,7 @@ settings that change what a run computes are refused.
 """
 import csv
 import io
+import math
 import os
 import time
 
@@ -56,7 +57,7 @@ from Omniglot.sweep import (RUN_SETTINGS, Progress, RunSpec, default_runs_at_onc
                             train_runs)
 from Omniglot.train import DTYPES, STATE_NAME, load_data
 from Training import (ArgumentParser, add_bool_argument, atomic_write_json, atomic_write_text, count, default_path,
-                      entry_point, hold_folder, real, resolve_device)
+                      entry_point, format_mean_std, hold_folder, mean_std, real, resolve_device)
 from Training.runlog import METRICS_NAME, draw_curves, read_metrics
 
 RECORDS_NAME, TABLE_NAME, FIGURE_NAME, RUNS_DIR, CURVES_DIR = "records.json", "table", "lambda", "runs", "curves"
@@ -186,21 +187,21 @@ def table_rows(table):
     """(regulariser, lambda, runs, mean, std, mean - none, reported mean, reported std,
     reported - reported none) per cell, in %; None where there is nothing."""
     none = table.get("none", {}).get(0.0)
-    base = Figure_wrt_Lambda.mean_std(none)[0] if none else None
-    reported_base = Figure_wrt_Lambda.mean_std(results.REPORTED["none"][0.0])[0]
+    base = mean_std(none, 100)[0] if none else None
+    reported_base = mean_std(results.REPORTED["none"][0.0], 100)[0]
     rows = []
     for reg in results.REGULARIZERS:
         for lam, accs in sorted(table.get(reg, {}).items()):
-            mean, std = Figure_wrt_Lambda.mean_std(accs)
+            mean, std = mean_std(accs, 100)
             reported = results.REPORTED.get(reg, {}).get(round(lam, 6))
-            r_mean, r_std = Figure_wrt_Lambda.mean_std(reported) if reported else (None, None)
+            r_mean, r_std = mean_std(reported, 100) if reported else (None, None)
             rows.append((reg, lam, len(accs), mean, std, None if base is None or reg == "none" else mean - base,
                          r_mean, r_std, None if r_mean is None or reg == "none" else r_mean - reported_base))
     return rows
 
 
 def _num(value, fmt):
-    return "" if value is None else format(value, fmt)
+    return "" if value is None or math.isnan(value) else format(value, fmt)
 
 
 def render_table(rows, formulas, protocol, data_line):
@@ -211,8 +212,8 @@ def render_table(rows, formulas, protocol, data_line):
           "| regulariser | lambda | runs | ours | ours - none | reported | reported - none |",
           "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for reg, lam, n, mean, std, diff, r_mean, r_std, r_diff in rows:
-        reported = "" if r_mean is None else f"{r_mean:.2f} +- {r_std:.2f}"
-        md.append(f"| {reg} | {lam:g} | {n} | {mean:.2f} +- {std:.2f} | {_num(diff, '+.2f')} | {reported} | "
+        reported = "" if r_mean is None else format_mean_std(r_mean, r_std)
+        md.append(f"| {reg} | {lam:g} | {n} | {format_mean_std(mean, std)} | {_num(diff, '+.2f')} | {reported} | "
                   f"{_num(r_diff, '+.2f')} |")
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -221,7 +222,7 @@ def render_table(rows, formulas, protocol, data_line):
     short_formulas = "paper" if formulas.startswith("the paper") else "original"
     short_protocol = "paper" if protocol == "the paper's protocol" else "not the paper's"
     for reg, lam, n, mean, std, diff, r_mean, r_std, r_diff in rows:
-        writer.writerow([reg, f"{lam:g}", n, f"{mean:.4f}", f"{std:.4f}", _num(diff, ".4f"), _num(r_mean, ".4f"),
+        writer.writerow([reg, f"{lam:g}", n, f"{mean:.4f}", _num(std, ".4f"), _num(diff, ".4f"), _num(r_mean, ".4f"),
                          _num(r_std, ".4f"), _num(r_diff, ".4f"), short_formulas, short_protocol])
     return "\n".join(md) + "\n", out.getvalue()
 

@@ -41,8 +41,8 @@ import time
 from Omniglot import Evaluation_TAAN, Figure_wrt_Lambda, results, visualization_full
 from Omniglot.synthetic import MARKER, ensure_builtin_data
 from Omniglot.train import load_data
-from Training import (ArgumentParser, UserError, atomic_write_json, count, default_path, entry_point, real,
-                      resolve_device)
+from Training import (ArgumentParser, UserError, atomic_write_json, count, default_path, entry_point,
+                      format_mean_std, mean_std, real, resolve_device)
 SETTINGS_NAME = "run_builtin.json"
 DATA_KEYS = ("alphabets", "drawers", "min_chars", "max_chars", "data_seed")
 SWEEP_KEYS = ("regularizers", "lambdas", "repeats", "num_iter", "test_interval", "early_stop", "lr",
@@ -135,8 +135,7 @@ def summary_table(table):
     for reg in results.REGULARIZERS:
         for lam, accs in sorted(table.get(reg, {}).items()):
             if accs:
-                m, s = Figure_wrt_Lambda.mean_std(accs)
-                lines.append(f"{reg:12s} {lam:6.2f}  {m:8.2f} +- {s:6.2f}  {len(accs):4d}")
+                lines.append(f"{reg:12s} {lam:6.2f}  {format_mean_std(*mean_std(accs, 100)):>18s}  {len(accs):4d}")
     return lines
 
 

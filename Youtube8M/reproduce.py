@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from Training import (ArgumentParser, UserError, add_bool_argument, atomic_write_json, atomic_write_text, count,
-                      default_path, entry_point, hold_folder)
+                      default_path, entry_point, format_mean_std, hold_folder, mean_std)
 from Training.runlog import METRICS_NAME, draw_curves, read_metrics
 from Youtube8M.Trainer import METRIC
 from Youtube8M.data import DEFAULT_DATA_PATH
@@ -128,11 +128,6 @@ def read_record(path, argv):
     return record
 
 
-def mean_std(values):
-    values = np.asarray(values, dtype=np.float64)
-    return values.mean(), (values.std(ddof=1) if values.size > 1 else float('nan'))
-
-
 def write_table(args, rows, folder, formulas, elapsed):
     """OUT/table.md and OUT/table.csv from the records of every row."""
     data = 'SYNTHETIC built-in data' if folder.synthetic else 'data'
@@ -150,9 +145,10 @@ def write_table(args, rows, folder, formulas, elapsed):
         steps = [r['seconds_per_step'] for r in records if r['seconds_per_step']]
         step = np.mean(steps) if steps else float('nan')
         peak = max(r['peak_memory_bytes'] for r in records) / 2 ** 20
-        spread = '' if np.isnan(std) else f' +- {std:.4f}'
-        lines.append(f'| {label} | {mean:.4f}{spread} | {records[0]["parameters"]:,} | {step:.3f} | {peak:,.0f} |')
-        csv.append(f'"{label}",' + ','.join(f'{m:.6f}' for m in maps) + f',{mean:.6f},{std:.6f},'
+        lines.append(f'| {label} | {format_mean_std(mean, std, ".4f")} | {records[0]["parameters"]:,} | {step:.3f} | '
+                     f'{peak:,.0f} |')
+        spread = '' if np.isnan(std) else f'{std:.6f}'       # one seed: no spread
+        csv.append(f'"{label}",' + ','.join(f'{m:.6f}' for m in maps) + f',{mean:.6f},{spread},'
                    f'{records[0]["parameters"]},{step:.6f},{peak:.1f},' + ','.join(f'{v:.6f}' for v in per_task))
     lines += ['', f'Peak memory: the {rows[0][1][0]["memory"]}. Trained in {elapsed / 60:.1f} minutes in this '
               'session (finished rows of earlier sessions not counted).']

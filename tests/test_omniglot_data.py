@@ -1,5 +1,6 @@
 """Omniglot data pipeline: synthetic set, split lists, HDF5 cache, sampler, result files, figure."""
 import json
+import math
 import os
 import random
 import re
@@ -15,7 +16,7 @@ from PIL import Image
 
 from Omniglot import Figure_wrt_Lambda, dataTools, results, synthetic
 from Omniglot.dataTools import OmniglotData
-from Training import UserError, atomic_write_text
+from Training import UserError, atomic_write_text, format_mean_std, mean_std
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(alphabets=3, drawers=10, min_chars=4, max_chars=7, seed=0)
@@ -445,10 +446,12 @@ def test_reported_numbers_match_the_spec():
 
 # ----------------------------------------------------------------------------- figure
 
-def test_mean_std_in_percent():
-    m, s = Figure_wrt_Lambda.mean_std([0.8, 0.9])
-    assert m == pytest.approx(85.0) and s == pytest.approx(7.0710678)  # sample std, n - 1
-    assert Figure_wrt_Lambda.mean_std([0.5]) == (pytest.approx(50.0), 0.0)
+def test_one_mean_std_for_every_table():
+    m, s = mean_std([0.8, 0.9], 100)
+    assert m == pytest.approx(85.0) and s == pytest.approx(7.0710678)  # sample std, n - 1: 10 / sqrt(2)
+    assert format_mean_std(m, s) == "85.00 +- 7.07"
+    m, s = mean_std([0.5], 100)     # one run: no spread, not a spread of 0
+    assert m == 50.0 and math.isnan(s) and format_mean_std(m, s) == "50.00"
 
 
 def test_figure_script_writes_png_and_pdf(tmp_path):
