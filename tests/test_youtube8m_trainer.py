@@ -134,6 +134,17 @@ def test_resume_reproduces_uninterrupted_run(data, tmp_path):
     assert read_events(full) == read_events(part)
 
 
+def test_resume_from_a_state_saved_before_runs_kept_their_curves(data, tmp_path):
+    args = ['--model', 'Hard3', '--early_stop', '5', '--data_path', data, '--saveto', str(tmp_path)] + TINY
+    Trainer.main(args + ['--max_epoch', '1'])
+    path = os.path.join(str(tmp_path), 'Hard3-training_state.pt')
+    state = torch.load(path)
+    assert [row['epoch'] for row in state.pop('runlog')['rows']] == [1]
+    torch.save(state, path)                 # as an older version saved it: no rows
+    assert Trainer.main(args + ['--max_epoch', '2', '--resume', 'auto'])['epochs'] == 2
+    assert [row['epoch'] for row in read_metrics(os.path.join(str(tmp_path), 'metrics.csv'))] == [2]
+
+
 def test_every_epoch_draws_its_own_batch_order(data):
     """Epoch e takes the loaders' order of (seed, epoch e): the first batch of task 0 in each
     epoch is the first batch of iter_epoch(e - 1)."""
