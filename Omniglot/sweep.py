@@ -247,6 +247,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
             if on_finish is not None:
                 on_finish(run.spec, run.record(iteration), lambda s=slot: net.run_state_dict(s))
             run.log.close()
+            run.log.draw()
         group.drop(slots)
 
     def note_losses(engine):
@@ -300,7 +301,7 @@ def train_group(specs, args, data, device, state_path=None, save_every=0.0, on_r
             trainer.run(None, max_epochs=1, epoch_length=args.num_iter)
     finally:
         for run in group.runs:      # killed: what the runs in training logged so far stays readable
-            run.log.close(draw=False)
+            run.log.close()
     if state_path and os.path.isfile(state_path):
         os.remove(state_path)
 

@@ -123,10 +123,13 @@ class RunLog:
                                              filename_suffix=f'.{time.time_ns()}')
         return self._writer.writer
 
-    def close(self, draw=True):
-        """Close the TensorBoard writer and draw learning_curves.png (when there is a row to draw)."""
+    def close(self):
+        """Close the TensorBoard writer (a later `add` opens it again)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if draw and self.write and self.rows:
+
+    def draw(self):
+        """Draw learning_curves.png of the rows so far (when there is one)."""
+        if self.write and self.rows:
             draw_curves([('', self.rows)], self.score, os.path.join(self.folder, CURVES_NAME))

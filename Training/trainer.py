@@ -425,8 +425,8 @@ def _training(experiment, args, device, result, setup_hook, log):
         if not done:
             trainer.run(data.train, max_epochs=data.max_epochs, epoch_length=data.epoch_length)
     finally:
-        runlog.close(draw=False)
-    runlog.close()
+        runlog.close()
+    runlog.draw()
     if bar is not None:
         bar.close()
     run = Run(experiment, core, data, device, trainer, early_stopping, history, paths, progress, say, best_weights,

@@ -41,12 +41,13 @@ def test_rows_reach_csv_and_tensorboard_and_a_resume_holds_no_row_twice(tmp_path
     log.add(2, 20, 1.5, {'valid_mAP': 0.5})
     saved = log.state_dict()
     log.add(3, 30, 1.25, {'valid_mAP': 0.625})      # logged, then the run is killed before saving it
-    log.close(draw=False)
+    log.close()
 
     resumed = RunLog(folder, 'valid_mAP')
     resumed.load_state_dict(saved)
     resumed.add(3, 30, 1.0, {'valid_mAP': 0.75})
     resumed.close()
+    resumed.draw()
     rows = read_metrics(os.path.join(folder, METRICS_NAME))
     assert [r['iteration'] for r in rows] == [10, 20, 30]
     assert [r['valid_mAP'] for r in rows] == [0.25, 0.5, 0.75]
@@ -63,7 +64,7 @@ def test_a_fresh_run_purges_what_an_earlier_run_left_in_its_folder(tmp_path):
     for value in (0.125, 0.875):
         log = RunLog(str(tmp_path), 'valid_mAP')
         log.add(1, 5, 2.0, {'valid_mAP': value})
-        log.close(draw=False)
+        log.close()
     assert read_events(str(tmp_path)) == {('train/loss', 5): 2.0, ('valid/mAP', 5): 0.875}
 
 
@@ -71,6 +72,7 @@ def test_without_a_folder_or_on_other_processes_nothing_is_written(tmp_path):
     for log in (RunLog(None, 's'), RunLog(str(tmp_path), 's', write=False)):
         assert log.add(1, 1, 0.5, {'s': 1.0})['s'] == 1.0
         log.close()
+        log.draw()
     assert os.listdir(tmp_path) == []
 
 
